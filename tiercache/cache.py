@@ -1,0 +1,664 @@
+"""The cache front: the read path through the tiers, and write-through."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import orjson
+
+from . import codec, signals
+from .channel import make_channel
+from .codec import KIND_JSON, KIND_LEASE, KIND_NEGATIVE, UndecodableValue
+from .contracts import Channel, Origin
+from .invalidation import InvalidationBus
+from .keys import KeyCodec
+from .local import LocalTier
+from .remote import DOWN, RemoteTier
+from .sentinel import MISSING
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT_TTL"
+
+
+DEFAULT_TTL: Final = _Default()
+"""Use the configured TTLs (``remote_ttl`` in L2, ``local_ttl`` in L1)."""
+
+
+class _Negative:
+    """The L1 item for "the origin has no such row"."""
+
+    def __repr__(self) -> str:
+        return "NEGATIVE"
+
+
+NEGATIVE: Final = _Negative()
+
+_LEASE_POLL_FIRST = 0.002
+_LEASE_POLL_MAX = 0.05
+
+
+class _Flight:
+    """One fill of one key in this process, shared by the threads that miss it."""
+
+    __slots__ = ("done", "item", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.item: Any = None
+        self.error: BaseException | None = None
+
+
+class _Ttl:
+    """The TTLs of one fill: L2 in seconds (None: no expiry), L1 in seconds."""
+
+    __slots__ = ("remote", "local", "cacheable")
+
+    def __init__(self, remote: float | None, local: float, cacheable: bool) -> None:
+        self.remote = remote
+        self.local = local
+        self.cacheable = cacheable
+
+
+class TieredCache:
+    """A read-through, write-through cache over L1 (local), L2 (memcached) and an origin.
+
+    :param settings: the settings; read from ``TIERCACHE_*`` variables when
+        omitted.
+    :param origin: the system of record that :meth:`get` loads from on a
+        miss and that :meth:`set` and :meth:`delete` write through.
+    :param channel: the cross-process channel; built from
+        ``settings.channel_url`` when omitted.
+    :param clock: monotonic seconds for L1 expiry, replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        origin: Origin | None = None,
+        channel: Channel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.from_env()
+        self.origin = origin if origin is not None else _origin_from_url(self.settings)
+        self.keys = KeyCodec(self.settings.namespace)
+        self.local = LocalTier(
+            max_entries=self.settings.local_max_entries,
+            max_bytes=self.settings.local_max_bytes,
+            clock=clock,
+        )
+        self.remote = RemoteTier(self.settings) if self.settings.memcached_servers else None
+        if channel is None and self.settings.channel_url:
+            channel = make_channel(self.settings.channel_url)
+        self.bus: InvalidationBus | None = None
+        if channel is not None:
+            self.bus = InvalidationBus(
+                channel,
+                self.settings,
+                self.local,
+                on_invalidated=self._on_remote_invalidation,
+                clock=clock,
+            )
+            self.bus.start()
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self.loads = 0
+        self.stale_fills_dropped = 0
+        self.lease_waits = 0
+        self.lease_wait_timeouts = 0
+        self.undecodable = 0
+        self.too_large = 0
+        self.invalidations_failed = 0
+        self._closed = False
+        _CACHES.add(self)
+
+    # -- reading -----------------------------------------------------------------
+
+    def get(
+        self,
+        key: str | bytes,
+        loader: Callable[[Any], Any] | None = None,
+        *,
+        ttl: float | None | _Default = DEFAULT_TTL,
+        default: Any = MISSING,
+    ) -> Any:
+        """Return the value of ``key`` from L1, L2 or, on a miss, the loader.
+
+        :param loader: called with ``key`` on a miss; returns the value, or
+            ``MISSING`` when the origin has no such row (that answer is
+            cached for ``negative_ttl``). Defaults to ``origin.load``.
+        :param ttl: seconds to keep a value loaded now; ``None`` for no
+            expiry in L2 (L1 still expires after ``local_ttl``, the bound on
+            staleness); 0 or less to load without caching. Fractions round
+            up to whole seconds in both tiers.
+        :param default: returned instead of ``MISSING`` on a miss.
+        :raises UnsupportedTypeError: if the loaded value can't be cached.
+        """
+        wire = self.keys.encode(key)
+        use_local = self.bus is None or not self.bus.bypass_local
+        if use_local:
+            item = self.local.get(wire)
+            if item is not MISSING:
+                signals.send_robust(signals.hit, self, key=key, tier="local")
+                return default if item is NEGATIVE else self._hand_out(item)
+        item = self._load_shared(key, wire, loader, ttl, use_local)
+        return default if item is NEGATIVE else self._hand_out(item)
+
+    def _hand_out(self, item: Any) -> Any:
+        # In copy mode L1 holds the JSON body, so every caller gets its own
+        # objects and can't corrupt what others read.
+        if self.settings.local_copy:
+            return orjson.loads(item)
+        return item
+
+    def _load_shared(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: float | None | _Default,
+        use_local: bool,
+    ) -> Any:
+        """Fill ``wire`` once per process however many threads miss it at once."""
+        with self._flights_lock:
+            flight = self._flights.get(wire)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[wire] = _Flight()
+        if not leader:
+            if flight.done.wait(self.settings.fill_wait):
+                if flight.error is not None:
+                    raise flight.error
+                return flight.item
+            # NOTE: the leader is slower than fill_wait; load without sharing.
+            return self._fetch(key, wire, loader, ttl, use_local)
+        try:
+            flight.item = self._fetch(key, wire, loader, ttl, use_local)
+            return flight.item
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[wire]
+            flight.done.set()
+
+    def _fetch(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: float | None | _Default,
+        use_local: bool,
+    ) -> Any:
+        """Read L2, then load through a lease; return the L1 item (body or object)."""
+        # The token is taken before L2 is read: an invalidation that arrives
+        # after this point voids the L1 fill below, even if L2 answered with
+        # a value the invalidation was about.
+        token = self.local.begin_fill()
+        try:
+            lease: bytes | None = None
+            if self.remote is not None:
+                found = self._read_remote(wire)
+                if found is not MISSING and found[0] is not KIND_LEASE:
+                    signals.send_robust(signals.hit, self, key=key, tier="remote")
+                    return self._fill_local_from_remote(wire, found, token, use_local)
+                lease, found = self._acquire_lease(wire, found)
+                if found is not MISSING:
+                    signals.send_robust(signals.hit, self, key=key, tier="remote")
+                    return self._fill_local_from_remote(wire, found, token, use_local)
+            signals.send_robust(signals.miss, self, key=key)
+            value = self._call_loader(key, loader)
+            return self._fill(key, wire, value, ttl, lease, token, use_local)
+        finally:
+            self.local.end_fill(token)
+
+    def _read_remote(self, wire: str) -> Any:
+        """Return ``(kind, item, size, expires_at)`` from L2, or ``MISSING``."""
+        assert self.remote is not None
+        raw = self.remote.get(wire)
+        if raw is None or raw is DOWN:
+            return MISSING
+        return self._decode(wire, raw)  # type: ignore[arg-type]
+
+    def _decode(self, wire: str, raw: bytes) -> Any:
+        try:
+            kind, body, _fresh, expires_at = codec.unpack(raw)
+            if kind == KIND_JSON:
+                value = orjson.loads(body)
+                item = body if self.settings.local_copy else value
+                return KIND_JSON, item, len(body), expires_at
+        except (UndecodableValue, orjson.JSONDecodeError) as exc:
+            self.undecodable += 1
+            if self.undecodable == 1 or self.undecodable % 1000 == 0:
+                log.warning(
+                    "%d undecodable remote values read as misses, latest: %s",
+                    self.undecodable,
+                    exc,
+                )
+            log.debug("undecodable remote value for %s", wire)
+            assert self.remote is not None
+            self.remote.delete_many([wire])
+            return MISSING
+        if kind == KIND_NEGATIVE:
+            return KIND_NEGATIVE, NEGATIVE, 0, expires_at
+        return KIND_LEASE, body, 0, expires_at
+
+    def _acquire_lease(self, wire: str, found: Any) -> tuple[bytes | None, Any]:
+        """Take the right to fill ``wire`` in L2, or wait for whoever has it.
+
+        :returns: ``(lease, MISSING)`` when this caller must load (``lease``
+            is ``None`` if it may not fill L2), or ``(None, found)`` when
+            another caller's fill arrived while waiting.
+        """
+        assert self.remote is not None
+        if found is MISSING:
+            lease = codec.pack(KIND_LEASE, os.urandom(12))
+            added = self.remote.add(wire, lease, self.settings.lease_ttl)
+            if added is DOWN:
+                return None, MISSING
+            if added:
+                return lease, MISSING
+        self.lease_waits += 1
+        deadline = time.monotonic() + self.settings.lease_wait
+        pause = _LEASE_POLL_FIRST
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, _LEASE_POLL_MAX)
+            found = self._read_remote(wire)
+            if found is not MISSING and found[0] is not KIND_LEASE:
+                return None, found
+            if found is MISSING:
+                # The holder gave up or a write voided its lease: try again.
+                lease = codec.pack(KIND_LEASE, os.urandom(12))
+                added = self.remote.add(wire, lease, self.settings.lease_ttl)
+                if added is DOWN:
+                    return None, MISSING
+                if added:
+                    return lease, MISSING
+        self.lease_wait_timeouts += 1
+        return None, MISSING
+
+    def _fill_local_from_remote(
+        self, wire: str, found: tuple[bytes, Any, int, float], token: int, use_local: bool
+    ) -> Any:
+        kind, item, size, expires_at = found
+        if use_local:
+            ttl = self.settings.local_ttl
+            if expires_at:
+                ttl = min(ttl, expires_at - time.time())
+            if ttl > 0:
+                self.local.fill(wire, item, size, ttl, token)
+        return item
+
+    def _call_loader(self, key: str | bytes, loader: Callable[[Any], Any] | None) -> Any:
+        self.loads += 1
+        if loader is not None:
+            return loader(key)
+        if self.origin is not None:
+            return self.origin.load(key)  # type: ignore[arg-type]
+        return MISSING
+
+    def _ttls(self, ttl: float | None | _Default, negative: bool) -> _Ttl:
+        settings = self.settings
+        if negative:
+            remote: float | None = settings.negative_ttl
+        elif isinstance(ttl, _Default):
+            remote = settings.remote_ttl
+        else:
+            remote = ttl
+        if remote is None:
+            return _Ttl(None, settings.local_ttl, True)
+        if remote <= 0:
+            return _Ttl(0, 0, False)
+        if settings.ttl_jitter:
+            remote *= 1 - settings.ttl_jitter * random.random()
+        remote = float(math.ceil(remote))
+        return _Ttl(remote, min(remote, settings.local_ttl), True)
+
+    def _fill(
+        self,
+        key: str | bytes,
+        wire: str,
+        value: Any,
+        ttl: float | None | _Default,
+        lease: bytes | None,
+        token: int,
+        use_local: bool,
+    ) -> Any:
+        """Store a loaded value in L2 (through the lease) and L1; return the L1 item."""
+        negative = value is MISSING
+        if not negative:
+            try:
+                codec.check_value(key, value)
+            except Exception:
+                self._release_lease(wire, lease)
+                raise
+        ttls = self._ttls(ttl, negative)
+        if negative:
+            body, item = b"", NEGATIVE
+        else:
+            body = codec.dump_body(value)
+            item = body if self.settings.local_copy else orjson.loads(body)
+        if not ttls.cacheable:
+            self._release_lease(wire, lease)
+            return item
+        if lease is not None:
+            expires_at = time.time() + ttls.remote if ttls.remote else 0.0
+            if negative:
+                payload = codec.pack(KIND_NEGATIVE, b"", expires_at=expires_at)
+            else:
+                payload = codec.pack_value(
+                    body,
+                    compress_threshold=self.settings.compress_threshold,
+                    expires_at=expires_at,
+                )
+            self._fill_remote(wire, lease, payload, ttls.remote)
+        if use_local:
+            self.local.fill(wire, item, len(body), ttls.local, token)
+        signals.send_robust(signals.fill, self, key=key, tier="local")
+        return item
+
+    def _fill_remote(
+        self, wire: str, lease: bytes, payload: bytes, ttl: float | None
+    ) -> None:
+        assert self.remote is not None
+        if len(payload) > self.settings.max_item_size:
+            self.too_large += 1
+            if self.too_large == 1 or self.too_large % 1000 == 0:
+                log.warning(
+                    "%d values too large for memcached kept out of L2 (latest %d bytes)",
+                    self.too_large,
+                    len(payload),
+                )
+            self._release_lease(wire, lease)
+            return
+        current = self.remote.gets(wire)
+        if current is DOWN:
+            return
+        held, cas = current  # type: ignore[misc]
+        if held != lease or cas is None:
+            # A write deleted the lease after this load began: the loaded
+            # value may predate the write, so it must not land in L2.
+            self.stale_fills_dropped += 1
+            return
+        self.remote.cas(wire, payload, cas, ttl)
+
+    def _release_lease(self, wire: str, lease: bytes | None) -> None:
+        if lease is None or self.remote is None:
+            return
+        current = self.remote.gets(wire)
+        if current is not DOWN and current[0] == lease:  # type: ignore[index]
+            self.remote.delete_many([wire])
+
+    # -- batches -----------------------------------------------------------------
+
+    def get_many(
+        self,
+        keys: Iterable[str | bytes],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None = None,
+        *,
+        ttl: float | None | _Default = DEFAULT_TTL,
+    ) -> dict[Any, Any]:
+        """Return the values of ``keys`` that exist, reading each tier once.
+
+        L1 first, then one multi-get per memcached server, then one
+        ``loader`` call (default ``origin.load_many``) for the rest. Keys the
+        loader doesn't return are cached as absent and left out of the result.
+        Duplicate keys and any iterable are accepted.
+        """
+        wires: dict[str, str | bytes] = {}
+        for key in keys:
+            wires.setdefault(self.keys.encode(key), key)
+        result: dict[Any, Any] = {}
+        use_local = self.bus is None or not self.bus.bypass_local
+        missing: list[str] = []
+        for wire, key in wires.items():
+            item = self.local.get(wire) if use_local else MISSING
+            if item is MISSING:
+                missing.append(wire)
+            elif item is not NEGATIVE:
+                result[key] = self._hand_out(item)
+        if not missing:
+            return result
+        token = self.local.begin_fill()
+        try:
+            self._get_many_below(wires, missing, loader, ttl, token, use_local, result)
+        finally:
+            self.local.end_fill(token)
+        return result
+
+    def _get_many_below(
+        self,
+        wires: dict[str, str | bytes],
+        missing: list[str],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+        ttl: float | None | _Default,
+        token: int,
+        use_local: bool,
+        result: dict[Any, Any],
+    ) -> None:
+        leases: dict[str, bytes | None] = {}
+        if self.remote is not None:
+            found, down = self.remote.get_many(missing)
+            to_load: list[str] = []
+            for wire in missing:
+                raw = found.get(wire)
+                decoded = self._decode(wire, raw) if raw is not None else MISSING
+                if decoded is MISSING or decoded[0] is KIND_LEASE:
+                    to_load.append(wire)
+                    continue
+                item = self._fill_local_from_remote(wire, decoded, token, use_local)
+                if item is not NEGATIVE:
+                    result[wires[wire]] = self._hand_out(item)
+            # NOTE: one add per key; a batch that misses everywhere costs a
+            # round trip per key here, on top of the origin's single query.
+            for wire in to_load:
+                lease = None
+                if wire not in down:
+                    lease = codec.pack(KIND_LEASE, os.urandom(12))
+                    if self.remote.add(wire, lease, self.settings.lease_ttl) is not True:
+                        lease = None
+                leases[wire] = lease
+            missing = to_load
+        if not missing:
+            return
+        keys = [wires[wire] for wire in missing]
+        self.loads += len(keys)
+        loaded = self._load_many(keys, loader)
+        for wire in missing:
+            key = wires[wire]
+            value = loaded.get(key, MISSING)
+            item = self._fill(key, wire, value, ttl, leases.get(wire), token, use_local)
+            if item is not NEGATIVE:
+                result[key] = self._hand_out(item)
+
+    def _load_many(
+        self,
+        keys: list[Any],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+    ) -> Mapping[Any, Any]:
+        if loader is not None:
+            return loader(keys)
+        if self.origin is not None:
+            return self.origin.load_many(keys)
+        return {}
+
+    # -- writing -----------------------------------------------------------------
+
+    def set(self, key: str | bytes, value: Any) -> None:
+        """Write ``value`` through to the origin, then invalidate ``key`` everywhere.
+
+        The origin commits first. If it raises, no tier is touched and the
+        exception reaches the caller. After the commit the key is deleted
+        in L2 (a delete, not a set, so concurrent writers can't leave the
+        older value behind), evicted from this process's L1, and an
+        invalidation is published for the other processes.
+
+        :raises UnsupportedTypeError: before anything is written, if the
+            value can't be cached.
+        """
+        origin = self._require_origin("set")
+        wire = self.keys.encode(key)
+        codec.check_value(key, value)
+        origin.store(key, value)  # type: ignore[arg-type]
+        self._after_commit([wire], [key])
+
+    def delete(self, key: str | bytes) -> None:
+        """Delete ``key`` in the origin, then invalidate it everywhere."""
+        origin = self._require_origin("delete")
+        wire = self.keys.encode(key)
+        origin.delete(key)  # type: ignore[arg-type]
+        self._after_commit([wire], [key])
+
+    def invalidate(self, key: str | bytes) -> None:
+        """Drop ``key`` from every tier in every process, without writing the origin.
+
+        Use it after writing the origin yourself.
+        """
+        self.invalidate_many([key])
+
+    def invalidate_many(self, keys: Iterable[str | bytes]) -> None:
+        """Drop ``keys`` from every tier in every process."""
+        keys = list(keys)
+        wires = [self.keys.encode(key) for key in keys]
+        if wires:
+            self._after_commit(wires, keys)
+
+    def clear_local(self) -> None:
+        """Drop every entry of this process's L1."""
+        self.local.clear()
+
+    def _after_commit(self, wires: list[str], keys: list[Any]) -> None:
+        # A delete that can't reach its server now is queued and replayed
+        # before that server serves again, so it is counted, not raised.
+        if self.remote is not None and not self.remote.delete_many(wires):
+            self.invalidations_failed += 1
+        self.local.invalidate(wires)
+        if self.bus is not None and not self.bus.publish(wires):
+            self.invalidations_failed += 1
+        signals.send_robust(signals.invalidated, self, keys=tuple(keys), origin="local")
+
+    def _on_remote_invalidation(self, wires: tuple[str, ...], sender: str) -> None:
+        signals.send_robust(signals.invalidated, self, keys=wires, origin=sender)
+
+    def _require_origin(self, operation: str) -> Origin:
+        if self.origin is None:
+            raise TypeError(
+                f"{operation}() writes through to an origin, and this cache has "
+                f"none: pass origin= to TieredCache, or write the database "
+                f"yourself and call invalidate()"
+            )
+        return self.origin
+
+    # -- lifecycle and figures -----------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Return a snapshot of counters for each tier and the channel."""
+        local = self.local
+        snapshot: dict[str, Any] = {
+            "local": {
+                "hits": local.hits,
+                "misses": local.misses,
+                "fills": local.fills,
+                "evictions": local.evictions,
+                "expirations": local.expirations,
+                "dropped_fills": local.dropped_fills,
+                "oversized": local.oversized,
+                "entries": len(local),
+                "bytes": local.current_bytes,
+            },
+            "origin": {"loads": self.loads},
+            "leases": {
+                "waits": self.lease_waits,
+                "wait_timeouts": self.lease_wait_timeouts,
+                "stale_fills_dropped": self.stale_fills_dropped,
+            },
+            "errors": {
+                "undecodable": self.undecodable,
+                "too_large": self.too_large,
+                "invalidations_failed": self.invalidations_failed,
+                "receiver_failures": signals.receiver_failures(),
+            },
+        }
+        remote = self.remote
+        if remote is not None:
+            snapshot["remote"] = {
+                "hits": remote.hits,
+                "misses": remote.misses,
+                "errors": remote.errors,
+                "node_downs": remote.node_downs,
+                "skipped_down": remote.skipped_down,
+                "deletes_queued": remote.deletes_queued,
+                "refused_stores": remote.too_large,
+                "undecodable_flags": remote.undecodable,
+            }
+        bus = self.bus
+        if bus is not None:
+            snapshot["invalidations"] = {
+                "sent": bus.sent,
+                "received": bus.received,
+                "publish_errors": bus.publish_errors,
+                "gaps": bus.gaps,
+                "channel_losses": bus.losses,
+                "local_flushes": bus.flushes,
+                "malformed": bus.malformed,
+                "trusted": bus.is_trusted,
+                "delay": bus.delay.snapshot(),
+            }
+        return snapshot
+
+    def close(self) -> None:
+        """Stop the channel subscription and close this thread's sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.bus is not None:
+            self.bus.close()
+        if self.remote is not None:
+            self.remote.close()
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _after_fork(self) -> None:
+        self._flights = {}
+        self._flights_lock = threading.Lock()
+        self.local.reset_after_fork()
+        if self.bus is not None and not self._closed:
+            self.bus.after_fork()
+
+
+def _origin_from_url(settings: Settings) -> Origin | None:
+    if not settings.origin_url:
+        return None
+    from .adapters import origin_from_url
+
+    return origin_from_url(settings.origin_url)
+
+
+_CACHES: weakref.WeakSet[TieredCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_CACHES):
+        cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

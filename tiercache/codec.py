@@ -1,0 +1,162 @@
+"""The value codec: orjson bytes behind a small header, identical in every tier.
+
+Only values that read back equal in type and content are accepted: ``None``,
+``bool``, ``int`` from -2**63 to 2**64-1, finite ``float``, ``str``, ``list``
+and ``dict`` with ``str`` keys, nested up to 254 levels. Anything orjson
+would refuse or silently change (tuple to list, datetime or UUID to str, NaN
+to null, a ``str`` subclass to ``str``) raises before any tier or the origin
+is written. Nothing here unpickles: bytes from memcached are parsed as JSON
+or dropped.
+
+On the wire (memcached) a value is ``TC`` + format byte + kind byte +
+fresh-until and expires-at (8 bytes each, big-endian milliseconds since the
+epoch, 0 for none) + body, stored with the memcached flags
+:data:`WIRE_FLAGS`. The expiry travels with the value so that a process
+filling L1 from L2 never keeps an entry longer than L2 does.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from typing import Any, Final
+
+import orjson
+
+from .errors import SerializationError, UnsupportedTypeError
+
+WIRE_FLAGS: Final = 0x7463
+FORMAT_VERSION: Final = 1
+
+KIND_JSON: Final = b"j"
+KIND_ZLIB: Final = b"z"
+KIND_NEGATIVE: Final = b"n"
+KIND_LEASE: Final = b"l"
+
+_MAGIC = b"TC" + bytes([FORMAT_VERSION])
+_HEADER = struct.Struct(">3scQQ")
+HEADER_SIZE: Final = _HEADER.size
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+_MAX_DEPTH = 254
+
+
+class UndecodableValue(Exception):
+    """Bytes in the remote tier that this version can't read (a miss)."""
+
+
+def check_value(key: object, value: Any) -> None:
+    """Raise if ``value`` would not read back equal in type and content.
+
+    :raises UnsupportedTypeError: for a type outside the JSON model.
+    :raises SerializationError: for an int out of range, NaN or infinity,
+        or nesting deeper than 254 levels.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "value", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not _INT_MIN <= item <= _INT_MAX:
+                raise SerializationError(
+                    f"cannot cache key {key!r}: {path} is an int outside the "
+                    f"64-bit range; store it as a str"
+                )
+            continue
+        if kind is float:
+            if not math.isfinite(item):
+                raise SerializationError(
+                    f"cannot cache key {key!r}: {path} is {item!r}, which JSON "
+                    f"can't carry; store None or a str instead"
+                )
+            continue
+        if depth >= _MAX_DEPTH:
+            raise SerializationError(
+                f"cannot cache key {key!r}: {path} is nested deeper than "
+                f"{_MAX_DEPTH} levels"
+            )
+        if kind is list:
+            for index, child in enumerate(item):
+                stack.append((child, f"{path}[{index}]", depth + 1))
+            continue
+        if kind is dict:
+            for name, child in item.items():
+                if type(name) is not str:
+                    raise UnsupportedTypeError(
+                        f"cannot cache key {key!r}: {path} has a "
+                        f"{type(name).__name__} dict key {name!r}; only str "
+                        f"keys read back unchanged, so convert the keys to str"
+                    )
+                stack.append((child, f"{path}[{name!r}]", depth + 1))
+            continue
+        raise UnsupportedTypeError(
+            f"cannot cache key {key!r}: {path} is a {kind.__module__}."
+            f"{kind.__qualname__}, which would not read back as the same type; "
+            f"convert it to str, int, float, bool, None, list or dict first"
+        )
+
+
+def dump_body(value: Any) -> bytes:
+    """Serialize a value already accepted by :func:`check_value`."""
+    return orjson.dumps(value)
+
+
+def load_body(body: bytes | memoryview) -> Any:
+    """Parse a body produced by :func:`dump_body`."""
+    return orjson.loads(body)
+
+
+def _millis(when: float) -> int:
+    return int(when * 1000) if when > 0 else 0
+
+
+def pack(
+    kind: bytes, body: bytes, *, fresh_until: float = 0.0, expires_at: float = 0.0
+) -> bytes:
+    """Put the header in front of ``body``; times are Unix seconds, 0 for none."""
+    return _HEADER.pack(_MAGIC, kind, _millis(fresh_until), _millis(expires_at)) + body
+
+
+def pack_value(
+    body: bytes,
+    *,
+    compress_threshold: int,
+    fresh_until: float = 0.0,
+    expires_at: float = 0.0,
+) -> bytes:
+    """Pack a JSON body, compressed with zlib when over the threshold and smaller."""
+    kind = KIND_JSON
+    if len(body) > compress_threshold:
+        packed = zlib.compress(body, 1)
+        if len(packed) < len(body):
+            kind, body = KIND_ZLIB, packed
+    return pack(kind, body, fresh_until=fresh_until, expires_at=expires_at)
+
+
+def unpack(payload: bytes) -> tuple[bytes, bytes, float, float]:
+    """Split a wire payload into ``(kind, body, fresh_until, expires_at)``.
+
+    The body is decompressed but not parsed: :func:`load_body` raises
+    ``orjson.JSONDecodeError`` (a ``ValueError``) for a body that isn't JSON.
+
+    :raises UndecodableValue: for bytes another version or program wrote.
+    """
+    if len(payload) < HEADER_SIZE:
+        raise UndecodableValue("shorter than the header")
+    magic, kind, fresh_millis, expires_millis = _HEADER.unpack_from(payload)
+    if magic != _MAGIC:
+        raise UndecodableValue("unknown format")
+    body = payload[HEADER_SIZE:]
+    if kind == KIND_ZLIB:
+        try:
+            body = zlib.decompress(body)
+        except zlib.error as exc:
+            raise UndecodableValue(f"corrupt compressed body: {exc}") from None
+        kind = KIND_JSON
+    elif kind not in (KIND_JSON, KIND_NEGATIVE, KIND_LEASE):
+        raise UndecodableValue(f"unknown kind {kind!r}")
+    return kind, body, fresh_millis / 1000.0, expires_millis / 1000.0

@@ -1,0 +1,53 @@
+"""Mapping of cache keys to memcached keys.
+
+memcached's text protocol ends a key at a space or a control character and
+limits it to 250 bytes. A ``str`` key made only of printable ASCII that fits
+in that limit after the namespace prefix travels as it is, behind ``=``.
+Every other key (non-ASCII, spaces, CR/LF, NUL, too long, or ``bytes``) is
+hashed whole with BLAKE2b, behind ``#``, so two distinct keys never share a
+memcached key and nothing is ever truncated. The ``=``/``#`` marker keeps the
+two forms apart, and ``str`` and ``bytes`` keys hash with different tags.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from functools import lru_cache
+
+MEMCACHED_KEY_MAX = 250
+
+_PLAIN_RE = re.compile(r"[\x21-\x7e]*")
+_DIGEST_SIZE = 30  # 240 bits: 40 base64 characters
+
+
+class KeyCodec:
+    """Turns keys into namespaced memcached keys, memoizing recent ones."""
+
+    __slots__ = ("namespace", "_prefix", "encode")
+
+    def __init__(self, namespace: str, *, memo_size: int = 65_536) -> None:
+        self.namespace = namespace
+        self._prefix = namespace + "|"
+        self.encode = lru_cache(maxsize=memo_size)(self._encode)
+
+    def _encode(self, key: str | bytes) -> str:
+        if isinstance(key, str) and type(key) is not str:
+            key = key[:]  # a str subclass (StrEnum) keys like its plain text
+        if type(key) is str:
+            if (
+                len(self._prefix) + 1 + len(key) <= MEMCACHED_KEY_MAX
+                and _PLAIN_RE.fullmatch(key)
+            ):
+                return self._prefix + "=" + key
+            data = b"s" + key.encode("utf-8", "surrogatepass")
+        elif type(key) is bytes:
+            data = b"b" + key
+        else:
+            raise TypeError(
+                f"cache key must be str or bytes, not {type(key).__name__}: "
+                f"{key!r}; convert it with str() or build it with a key function"
+            )
+        digest = hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
+        return self._prefix + "#" + base64.urlsafe_b64encode(digest).decode("ascii")

@@ -1,0 +1,434 @@
+"""The remote tier (L2): a pool of memcached servers behind consistent hashing.
+
+Each thread holds its own pymemcache ``Client`` per server, created in the
+process that uses it: a child after ``fork()`` never writes to a socket its
+parent opened, so no reply can cross between processes. Every socket has
+connect and read timeouts; a command that fails or times out closes its
+socket, so a late reply can't be read by a later command.
+
+A server that fails is marked down for ``node_retry_timeout`` seconds. Its
+keys are misses meanwhile: they are not rehashed onto the other servers,
+which would move a hot key's whole load onto a neighbour and leave stale
+copies behind when the server returns. Deletes meant for a down server are
+queued and replayed before the server is used again, so a value that was
+invalidated while the server was away is not served when it returns.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import weakref
+import zlib
+from collections.abc import Iterable
+from typing import Any, Final
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheError,
+    MemcacheServerError,
+)
+
+from .codec import WIRE_FLAGS
+from .settings import MEMCACHED_RELATIVE_TTL_MAX, Settings, parse_server
+
+log = logging.getLogger(__name__)
+
+_POINTS_PER_SERVER = 160
+_PENDING_DELETES_MAX = 100_000
+# Stands in for a queue too long to replay: the server is flushed instead.
+_FLUSH_MARK = "\0flush"
+
+
+class _Down:
+    def __repr__(self) -> str:
+        return "DOWN"
+
+
+DOWN: Final = _Down()
+"""Returned by reads whose server is marked down, so callers skip leases."""
+
+
+class _BadFlags:
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+
+
+class _Serde:
+    """Store bytes with tiercache's flags; hand back foreign flags as _BadFlags."""
+
+    def serialize(self, key: str, value: bytes) -> tuple[bytes, int]:
+        return value, WIRE_FLAGS
+
+    def deserialize(self, key: str, value: bytes, flags: int) -> Any:
+        if flags != WIRE_FLAGS:
+            return _BadFlags(flags)
+        return value
+
+
+_SERDE = _Serde()
+
+_FAULTS = (OSError, socket.timeout, MemcacheError)
+
+
+def memcached_expire(ttl: float | None, *, now: float | None = None) -> int:
+    """Convert a TTL in seconds into memcached's expiry field.
+
+    ``None`` means no expiry (0). Fractions round up, so 0.5 s never becomes
+    0, which memcached reads as "never expire". A TTL above 30 days is sent
+    as an absolute Unix time, because memcached reads it that way.
+    """
+    if ttl is None:
+        return 0
+    if ttl <= 0:
+        raise ValueError(f"ttl must be positive to store, got {ttl!r}")
+    seconds = math.ceil(ttl)
+    if seconds > MEMCACHED_RELATIVE_TTL_MAX:
+        return int(time.time() if now is None else now) + seconds
+    return seconds
+
+
+class Node:
+    """One memcached server with its health and its queued deletes."""
+
+    def __init__(self, address: str, settings: Settings) -> None:
+        self.address = address
+        self.server = parse_server(address)
+        self.down_until = 0.0
+        self.failures = 0
+        self.pending_deletes: set[str] = set()
+        self.lock = threading.Lock()
+        self._settings = settings
+
+    def make_client(self) -> Client:
+        return Client(
+            self.server,
+            serde=_SERDE,
+            connect_timeout=self._settings.connect_timeout,
+            timeout=self._settings.read_timeout,
+            no_delay=True,
+            default_noreply=False,
+        )
+
+    def is_down(self, now: float) -> bool:
+        return now < self.down_until
+
+
+class RemoteTier:
+    """Reads and writes of memcached keys, spread over the servers by hash."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nodes = [Node(address, settings) for address in settings.memcached_servers]
+        self._ring: list[int] = []
+        self._ring_nodes: list[Node] = []
+        self._build_ring()
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.undecodable = 0
+        self.node_downs = 0
+        self.skipped_down = 0
+        self.too_large = 0
+        self.deletes_queued = 0
+        _INSTANCES.add(self)
+
+    # -- placement ---------------------------------------------------------
+
+    def _build_ring(self) -> None:
+        points: list[tuple[int, int]] = []
+        for index, node in enumerate(self.nodes):
+            for replica in range(_POINTS_PER_SERVER // 4):
+                digest = hashlib.md5(f"{node.address}-{replica}".encode()).digest()
+                for part in range(4):
+                    value = int.from_bytes(digest[part * 4 : part * 4 + 4], "little")
+                    points.append((value, index))
+        points.sort()
+        self._ring = [point for point, _ in points]
+        self._ring_nodes = [self.nodes[index] for _, index in points]
+
+    def node_for(self, key: str) -> Node:
+        """Return the server that owns ``key``; it never changes while one is down."""
+        if len(self.nodes) == 1:
+            return self.nodes[0]
+        point = zlib.crc32(key.encode("ascii")) & 0xFFFFFFFF
+        index = bisect.bisect(self._ring, point)
+        if index == len(self._ring):
+            index = 0
+        return self._ring_nodes[index]
+
+    def _client(self, node: Node) -> Client:
+        local = self._local
+        clients: dict[str, Client] | None = getattr(local, "clients", None)
+        if clients is None or local.pid != os.getpid():
+            clients = local.clients = {}
+            local.pid = os.getpid()
+        client = clients.get(node.address)
+        if client is None:
+            client = clients[node.address] = node.make_client()
+        return client
+
+    # -- health -------------------------------------------------------------
+
+    def _usable(self, node: Node) -> bool:
+        """Tell whether ``node`` may be used now, replaying queued deletes first."""
+        now = time.monotonic()
+        if node.is_down(now):
+            self.skipped_down += 1
+            return False
+        if node.failures and not self._recover(node):
+            self.skipped_down += 1
+            return False
+        return True
+
+    def _recover(self, node: Node) -> bool:
+        with node.lock:
+            if not node.failures:
+                return True
+            pending = list(node.pending_deletes)
+            try:
+                client = self._client(node)
+                if _FLUSH_MARK in pending:
+                    client.flush_all(noreply=False)
+                elif pending:
+                    client.delete_many(pending, noreply=False)
+                else:
+                    client.version()
+            except _FAULTS as exc:
+                self._close(node)
+                node.down_until = time.monotonic() + self.settings.node_retry_timeout
+                log.debug("memcached %s still down: %s", node.address, exc)
+                return False
+            node.pending_deletes.difference_update(pending)
+            node.failures = 0
+        log.warning(
+            "memcached %s is back; replayed %d queued deletes", node.address, len(pending)
+        )
+        return True
+
+    def _fail(self, node: Node, exc: BaseException) -> None:
+        self.errors += 1
+        self._close(node)
+        with node.lock:
+            node.failures += 1
+            node.down_until = time.monotonic() + self.settings.node_retry_timeout
+            first = node.failures == 1
+        if first:
+            self.node_downs += 1
+            log.warning(
+                "memcached %s marked down for %.1fs after %s: %s",
+                node.address,
+                self.settings.node_retry_timeout,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _close(self, node: Node) -> None:
+        clients: dict[str, Client] | None = getattr(self._local, "clients", None)
+        if clients is not None:
+            client = clients.pop(node.address, None)
+            if client is not None:
+                client.close()
+
+    def _queue_delete(self, node: Node, keys: Iterable[str]) -> None:
+        with node.lock:
+            node.pending_deletes.update(keys)
+            if len(node.pending_deletes) > _PENDING_DELETES_MAX:
+                # Too many to replay: flush the server when it returns instead.
+                node.pending_deletes.clear()
+                node.pending_deletes.add(_FLUSH_MARK)
+        self.deletes_queued += 1
+
+    # -- reads ---------------------------------------------------------------
+
+    def _decode_flags(self, raw: Any) -> bytes | None:
+        if isinstance(raw, _BadFlags):
+            self.undecodable += 1
+            log.debug("memcached value with foreign flags %d read as a miss", raw.flags)
+            return None
+        return raw  # type: ignore[no-any-return]
+
+    def get(self, key: str) -> bytes | None | _Down:
+        """Return the stored bytes, ``None`` on a miss, or ``DOWN``."""
+        node = self.node_for(key)
+        if not self._usable(node):
+            return DOWN
+        try:
+            raw = self._client(node).get(key)
+        except _FAULTS as exc:
+            self._fail(node, exc)
+            return DOWN
+        if raw is None:
+            self.misses += 1
+            return None
+        value = self._decode_flags(raw)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def get_many(self, keys: Iterable[str]) -> tuple[dict[str, bytes], set[str]]:
+        """Read many keys with one request per server.
+
+        :returns: the values found, and the keys whose server is down.
+        """
+        by_node: dict[Node, list[str]] = {}
+        for key in keys:
+            by_node.setdefault(self.node_for(key), []).append(key)
+        found: dict[str, bytes] = {}
+        down: set[str] = set()
+        # NOTE: servers are asked one after another; sending every request
+        # before reading any reply would overlap their round trips.
+        for node, node_keys in by_node.items():
+            if not self._usable(node):
+                down.update(node_keys)
+                continue
+            try:
+                raw = self._client(node).get_many(node_keys)
+            except _FAULTS as exc:
+                self._fail(node, exc)
+                down.update(node_keys)
+                continue
+            for key, item in raw.items():
+                value = self._decode_flags(item)
+                if value is not None:
+                    found[key] = value
+        self.hits += len(found)
+        self.misses += sum(len(k) for k in by_node.values()) - len(found) - len(down)
+        return found, down
+
+    def gets(self, key: str) -> tuple[bytes | None, bytes | None] | _Down:
+        """Return ``(value, cas)``, ``(None, None)`` on a miss, or ``DOWN``."""
+        node = self.node_for(key)
+        if not self._usable(node):
+            return DOWN
+        try:
+            raw, cas = self._client(node).gets(key)
+        except _FAULTS as exc:
+            self._fail(node, exc)
+            return DOWN
+        if raw is None:
+            return None, None
+        return self._decode_flags(raw), cas
+
+    # -- writes --------------------------------------------------------------
+
+    def add(self, key: str, payload: bytes, ttl: float | None) -> bool | _Down:
+        """Store ``payload`` only if ``key`` is absent; ``True`` if stored."""
+        node = self.node_for(key)
+        if not self._usable(node):
+            return DOWN
+        try:
+            return bool(self._client(node).add(key, payload, memcached_expire(ttl)))
+        except MemcacheServerError as exc:
+            self._store_refused(node, key, exc)
+            return False
+        except _FAULTS as exc:
+            self._fail(node, exc)
+            return DOWN
+
+    def cas(self, key: str, payload: bytes, cas: bytes, ttl: float | None) -> bool:
+        """Replace ``key`` only if its cas token is still ``cas``."""
+        node = self.node_for(key)
+        if not self._usable(node):
+            return False
+        try:
+            stored = self._client(node).cas(key, payload, cas, memcached_expire(ttl))
+        except MemcacheServerError as exc:
+            self._store_refused(node, key, exc)
+            return False
+        except _FAULTS as exc:
+            self._fail(node, exc)
+            return False
+        return bool(stored)
+
+    def set(self, key: str, payload: bytes, ttl: float | None) -> bool:
+        """Store ``payload`` unconditionally; ``False`` if it could not be stored."""
+        node = self.node_for(key)
+        if not self._usable(node):
+            return False
+        try:
+            return bool(self._client(node).set(key, payload, memcached_expire(ttl)))
+        except MemcacheServerError as exc:
+            self._store_refused(node, key, exc)
+            return False
+        except _FAULTS as exc:
+            self._fail(node, exc)
+            return False
+
+    def _store_refused(self, node: Node, key: str, exc: MemcacheServerError) -> None:
+        # The server is healthy but refused the item (too large, out of
+        # memory). Delete the key so an older value is not left behind.
+        self.too_large += 1
+        log.warning("memcached %s refused a store: %s", node.address, exc)
+        self._close(node)
+        self.delete_many([key])
+
+    def delete_many(self, keys: Iterable[str]) -> bool:
+        """Delete ``keys``; deletes for down servers are queued and replayed.
+
+        :returns: ``True`` if every delete reached its server now.
+        """
+        by_node: dict[Node, list[str]] = {}
+        for key in keys:
+            by_node.setdefault(self.node_for(key), []).append(key)
+        delivered = True
+        for node, node_keys in by_node.items():
+            if not self._usable(node):
+                self._queue_delete(node, node_keys)
+                delivered = False
+                continue
+            try:
+                self._client(node).delete_many(node_keys, noreply=False)
+            except MemcacheClientError:
+                raise
+            except _FAULTS as exc:
+                self._fail(node, exc)
+                self._queue_delete(node, node_keys)
+                delivered = False
+        return delivered
+
+    def flush_all(self) -> None:
+        """Drop everything on every server (tests and namespace resets)."""
+        for node in self.nodes:
+            try:
+                self._client(node).flush_all(noreply=False)
+            except _FAULTS as exc:
+                self._fail(node, exc)
+
+    def close(self) -> None:
+        """Close this thread's sockets."""
+        clients: dict[str, Client] | None = getattr(self._local, "clients", None)
+        if clients:
+            for client in clients.values():
+                client.close()
+            clients.clear()
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's sockets without closing them: the parent owns them."""
+        self._local = threading.local()
+        for node in self.nodes:
+            node.lock = threading.Lock()
+
+
+_INSTANCES: weakref.WeakSet[RemoteTier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_INSTANCES):
+        tier.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
