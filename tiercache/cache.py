@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -9,7 +10,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 import orjson
@@ -538,6 +539,32 @@ class TieredCache:
         if wires:
             self._after_commit(wires, keys)
 
+    @contextlib.contextmanager
+    def after_commit(self, connection: Any = None) -> Iterator[PendingInvalidation]:
+        """Collect the keys a transaction of your own touches; invalidate on commit.
+
+        Put the block around your database transaction, so that it ends
+        after the commit::
+
+            with cache.after_commit() as pending:
+                with conn.transaction():
+                    conn.execute("UPDATE ...")
+                    pending.add("subscriber:5")
+
+        When the block ends normally the keys are deleted in L2, evicted from
+        L1 and published. When it raises (a rollback, a failed commit) nothing
+        is sent, and the exception propagates.
+
+        :param connection: a psycopg connection inside the transaction. With
+            a PostgreSQL channel, each :meth:`PendingInvalidation.add` also
+            sends a NOTIFY on it, which PostgreSQL delivers only if the
+            transaction commits.
+        """
+        pending = PendingInvalidation(self, connection)
+        yield pending
+        if pending.wires:
+            self._after_commit(pending.wires, pending.keys)
+
     def clear_local(self) -> None:
         """Drop every entry of this process's L1."""
         self.local.clear()
@@ -643,6 +670,25 @@ class TieredCache:
         self.local.reset_after_fork()
         if self.bus is not None and not self._closed:
             self.bus.after_fork()
+
+
+class PendingInvalidation:
+    """Keys to invalidate once the caller's transaction commits."""
+
+    def __init__(self, cache: TieredCache, connection: Any) -> None:
+        self._cache = cache
+        self._connection = connection
+        self.keys: list[Any] = []
+        self.wires: list[str] = []
+
+    def add(self, *keys: str | bytes) -> None:
+        """Record ``keys``; with a connection, NOTIFY inside its transaction too."""
+        wires = [self._cache.keys.encode(key) for key in keys]
+        self.keys.extend(keys)
+        self.wires.extend(wires)
+        bus = self._cache.bus
+        if self._connection is not None and bus is not None:
+            bus.publish_in_transaction(self._connection, wires)
 
 
 def _origin_from_url(settings: Settings) -> Origin | None:

@@ -145,6 +145,23 @@ class InvalidationBus:
             ok = self._send("inv", batch) and ok
         return ok
 
+    def publish_in_transaction(self, connection: Any, keys: list[str]) -> None:
+        """Send invalidations through ``connection``'s open transaction.
+
+        Only a channel with ``notify_in_transaction`` (PostgreSQL) supports
+        this; others ignore it and rely on the message sent after commit.
+        These messages carry sequence number 0: a rollback discards them, so
+        they must not take a number that receivers would then miss. Errors
+        propagate, because the caller's transaction is still open.
+        """
+        notify = getattr(self.channel, "notify_in_transaction", None)
+        if notify is None:
+            return
+        max_payload = getattr(self.channel, "max_payload", None)
+        for batch in batch_keys(keys, max_payload):
+            message = Message("inv", self.sender_id, 0, time.time(), tuple(batch))
+            notify(connection, message.encode())
+
     def publish_flush(self) -> bool:
         """Tell every process to flush its whole local tier."""
         return self._send("flush", [])
@@ -183,6 +200,10 @@ class InvalidationBus:
         if message.sender == self.sender_id:
             self._heard_self()
             return
+        if message.seq == 0:
+            # Sent inside a transaction: unnumbered, so no gap accounting.
+            self._apply(message)
+            return
         with self._lock:
             last = self._last_seen.get(message.sender)
             expected = message.seq if message.kind == "hb" else message.seq - 1
@@ -192,6 +213,9 @@ class InvalidationBus:
         if gap:
             self.gaps += 1
             self._distrust(f"sequence gap from {message.sender}")
+        self._apply(message)
+
+    def _apply(self, message: Message) -> None:
         if message.kind == "inv":
             self.received += 1
             self.local.invalidate(message.keys)
