@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -11,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import orjson
 
@@ -19,12 +20,15 @@ from . import codec, signals
 from .channel import make_channel
 from .codec import KIND_JSON, KIND_LEASE, KIND_NEGATIVE, UndecodableValue
 from .contracts import Channel, Origin
+from .decorator import CachedFunction
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
 from .local import LocalTier
 from .remote import DOWN, RemoteTier
 from .sentinel import MISSING
 from .settings import Settings
+from .stats import snapshot
+from .transaction import PendingInvalidation
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ class _Default:
 
 DEFAULT_TTL: Final = _Default()
 """Use the configured TTLs (``remote_ttl`` in L2, ``local_ttl`` in L1)."""
+
+TtlArg: TypeAlias = float | None | _Default
 
 
 class _Negative:
@@ -49,6 +55,7 @@ NEGATIVE: Final = _Negative()
 
 _LEASE_POLL_FIRST = 0.002
 _LEASE_POLL_MAX = 0.05
+_REFRESH_WORKERS = 4
 
 
 class _Flight:
@@ -62,15 +69,21 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-class _Ttl:
-    """The TTLs of one fill: L2 in seconds (None: no expiry), L1 in seconds."""
+class _Found(NamedTuple):
+    """A value read from L2: its kind, its L1 item, the body size, its header."""
 
-    __slots__ = ("remote", "local", "cacheable")
+    kind: bytes
+    item: Any
+    size: int
+    envelope: codec.Envelope
 
-    def __init__(self, remote: float | None, local: float, cacheable: bool) -> None:
-        self.remote = remote
-        self.local = local
-        self.cacheable = cacheable
+
+class _Ttl(NamedTuple):
+    """The TTLs of one fill, in seconds: fresh in L2 (None: no expiry), L1."""
+
+    remote: float | None
+    local: float
+    cacheable: bool
 
 
 class TieredCache:
@@ -111,15 +124,20 @@ class TieredCache:
                 self.settings,
                 self.local,
                 on_invalidated=self._on_remote_invalidation,
+                on_lost_deletes=self._on_lost_deletes,
                 clock=clock,
             )
             self.bus.start()
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
+        self._refresher: concurrent.futures.ThreadPoolExecutor | None = None
         self.loads = 0
         self.stale_fills_dropped = 0
         self.lease_waits = 0
         self.lease_wait_timeouts = 0
+        self.stale_served = 0
+        self.refreshes = 0
+        self.refresh_errors = 0
         self.undecodable = 0
         self.too_large = 0
         self.invalidations_failed = 0
@@ -133,7 +151,7 @@ class TieredCache:
         key: str | bytes,
         loader: Callable[[Any], Any] | None = None,
         *,
-        ttl: float | None | _Default = DEFAULT_TTL,
+        ttl: TtlArg = DEFAULT_TTL,
         default: Any = MISSING,
     ) -> Any:
         """Return the value of ``key`` from L1, L2 or, on a miss, the loader.
@@ -170,7 +188,7 @@ class TieredCache:
         key: str | bytes,
         wire: str,
         loader: Callable[[Any], Any] | None,
-        ttl: float | None | _Default,
+        ttl: TtlArg,
         use_local: bool,
     ) -> Any:
         """Fill ``wire`` once per process however many threads miss it at once."""
@@ -202,7 +220,7 @@ class TieredCache:
         key: str | bytes,
         wire: str,
         loader: Callable[[Any], Any] | None,
-        ttl: float | None | _Default,
+        ttl: TtlArg,
         use_local: bool,
     ) -> Any:
         """Read L2, then load through a lease; return the L1 item (body or object)."""
@@ -214,21 +232,56 @@ class TieredCache:
             lease: bytes | None = None
             if self.remote is not None:
                 found = self._read_remote(wire)
-                if found is not MISSING and found[0] is not KIND_LEASE:
-                    signals.send_robust(signals.hit, self, key=key, tier="remote")
-                    return self._fill_local_from_remote(wire, found, token, use_local)
+                if found is not MISSING and found.kind is not KIND_LEASE:
+                    return self._use_remote(key, wire, loader, ttl, found, token, use_local)
                 lease, found = self._acquire_lease(wire, found)
                 if found is not MISSING:
-                    signals.send_robust(signals.hit, self, key=key, tier="remote")
-                    return self._fill_local_from_remote(wire, found, token, use_local)
+                    return self._use_remote(key, wire, loader, ttl, found, token, use_local)
             signals.send_robust(signals.miss, self, key=key)
+            started = time.monotonic()
             value = self._call_loader(key, loader)
-            return self._fill(key, wire, value, ttl, lease, token, use_local)
+            load_seconds = time.monotonic() - started
+            return self._fill(key, wire, value, ttl, lease, token, use_local, load_seconds)
         finally:
             self.local.end_fill(token)
 
+    def _use_remote(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        found: _Found,
+        token: int,
+        use_local: bool,
+    ) -> Any:
+        """Serve an L2 value, refreshing it in the background when due."""
+        signals.send_robust(signals.hit, self, key=key, tier="remote")
+        fresh_until = found.envelope.fresh_until
+        now = time.time()
+        if fresh_until and found.kind is KIND_JSON:
+            stale = now >= fresh_until and self.settings.stale_ttl > 0
+            if stale or self._refresh_early(found.envelope, now):
+                self._start_refresh(key, wire, loader, ttl)
+            if stale:
+                # Served at once, but not kept in L1: the refresh replaces it.
+                self.stale_served += 1
+                return found.item
+        if use_local:
+            self._fill_local_from_remote(wire, found, token, now)
+        return found.item
+
+    def _refresh_early(self, envelope: codec.Envelope, now: float) -> bool:
+        # XFetch (Vattani et al., VLDB 2015): refresh before expiry with a
+        # probability that grows as expiry nears and with the load's cost.
+        beta = self.settings.early_refresh_beta
+        if not beta or not envelope.load_seconds:
+            return False
+        gap = -envelope.load_seconds * beta * math.log(1.0 - random.random())
+        return now + gap >= envelope.fresh_until
+
     def _read_remote(self, wire: str) -> Any:
-        """Return ``(kind, item, size, expires_at)`` from L2, or ``MISSING``."""
+        """Return the :class:`_Found` value of ``wire`` in L2, or ``MISSING``."""
         assert self.remote is not None
         raw = self.remote.get(wire)
         if raw is None or raw is DOWN:
@@ -237,11 +290,11 @@ class TieredCache:
 
     def _decode(self, wire: str, raw: bytes) -> Any:
         try:
-            kind, body, _fresh, expires_at = codec.unpack(raw)
-            if kind == KIND_JSON:
-                value = orjson.loads(body)
-                item = body if self.settings.local_copy else value
-                return KIND_JSON, item, len(body), expires_at
+            envelope = codec.unpack(raw)
+            if envelope.kind == KIND_JSON:
+                value = orjson.loads(envelope.body)
+                item = envelope.body if self.settings.local_copy else value
+                return _Found(KIND_JSON, item, len(envelope.body), envelope)
         except (UndecodableValue, orjson.JSONDecodeError) as exc:
             self.undecodable += 1
             if self.undecodable == 1 or self.undecodable % 1000 == 0:
@@ -254,9 +307,9 @@ class TieredCache:
             assert self.remote is not None
             self.remote.delete_many([wire])
             return MISSING
-        if kind == KIND_NEGATIVE:
-            return KIND_NEGATIVE, NEGATIVE, 0, expires_at
-        return KIND_LEASE, body, 0, expires_at
+        if envelope.kind == KIND_NEGATIVE:
+            return _Found(KIND_NEGATIVE, NEGATIVE, 0, envelope)
+        return _Found(KIND_LEASE, envelope.body, 0, envelope)
 
     def _acquire_lease(self, wire: str, found: Any) -> tuple[bytes | None, Any]:
         """Take the right to fill ``wire`` in L2, or wait for whoever has it.
@@ -280,7 +333,7 @@ class TieredCache:
             time.sleep(pause)
             pause = min(pause * 2, _LEASE_POLL_MAX)
             found = self._read_remote(wire)
-            if found is not MISSING and found[0] is not KIND_LEASE:
+            if found is not MISSING and found.kind is not KIND_LEASE:
                 return None, found
             if found is MISSING:
                 # The holder gave up or a write voided its lease: try again.
@@ -290,20 +343,21 @@ class TieredCache:
                     return None, MISSING
                 if added:
                     return lease, MISSING
+        # Waited long enough: load without filling L2 rather than fail.
         self.lease_wait_timeouts += 1
         return None, MISSING
 
     def _fill_local_from_remote(
-        self, wire: str, found: tuple[bytes, Any, int, float], token: int, use_local: bool
-    ) -> Any:
-        kind, item, size, expires_at = found
-        if use_local:
-            ttl = self.settings.local_ttl
-            if expires_at:
-                ttl = min(ttl, expires_at - time.time())
-            if ttl > 0:
-                self.local.fill(wire, item, size, ttl, token)
-        return item
+        self, wire: str, found: _Found, token: int, now: float
+    ) -> None:
+        ttl = self.settings.local_ttl
+        envelope = found.envelope
+        if envelope.fresh_until:
+            ttl = min(ttl, envelope.fresh_until - now)
+        elif envelope.expires_at:
+            ttl = min(ttl, envelope.expires_at - now)
+        if ttl > 0:
+            self.local.fill(wire, found.item, found.size, ttl, token)
 
     def _call_loader(self, key: str | bytes, loader: Callable[[Any], Any] | None) -> Any:
         self.loads += 1
@@ -313,7 +367,7 @@ class TieredCache:
             return self.origin.load(key)  # type: ignore[arg-type]
         return MISSING
 
-    def _ttls(self, ttl: float | None | _Default, negative: bool) -> _Ttl:
+    def _ttls(self, ttl: TtlArg, negative: bool) -> _Ttl:
         settings = self.settings
         if negative:
             remote: float | None = settings.negative_ttl
@@ -325,51 +379,72 @@ class TieredCache:
             return _Ttl(None, settings.local_ttl, True)
         if remote <= 0:
             return _Ttl(0, 0, False)
-        if settings.ttl_jitter:
+        if settings.ttl_jitter and not negative:
+            # Entries written together (a campaign's first wave) would
+            # otherwise expire together and stampede together.
             remote *= 1 - settings.ttl_jitter * random.random()
         remote = float(math.ceil(remote))
         return _Ttl(remote, min(remote, settings.local_ttl), True)
+
+    def _encode_fill(
+        self, key: str | bytes, value: Any, ttl: TtlArg, load_seconds: float
+    ) -> tuple[Any, int, _Ttl, bytes]:
+        """Check and encode a loaded value: ``(L1 item, size, TTLs, L2 payload)``.
+
+        :raises UnsupportedTypeError: if the value can't be cached.
+        """
+        negative = value is MISSING
+        ttls = self._ttls(ttl, negative)
+        now = time.time()
+        if negative:
+            expires_at = now + ttls.remote if ttls.remote else 0.0
+            return NEGATIVE, 0, ttls, codec.pack(KIND_NEGATIVE, b"", expires_at=expires_at)
+        codec.check_value(key, value)
+        body = codec.dump_body(value)
+        item = body if self.settings.local_copy else orjson.loads(body)
+        fresh_until = expires_at = 0.0
+        if ttls.remote:
+            fresh_until = now + ttls.remote
+            expires_at = fresh_until + self.settings.stale_ttl
+        payload = codec.pack_value(
+            body,
+            compress_threshold=self.settings.compress_threshold,
+            fresh_until=fresh_until,
+            expires_at=expires_at,
+            load_seconds=load_seconds,
+        )
+        return item, len(body), ttls, payload
+
+    def _remote_expire(self, ttls: _Ttl, negative: bool) -> float | None:
+        if ttls.remote is None:
+            return None
+        return ttls.remote if negative else ttls.remote + self.settings.stale_ttl
 
     def _fill(
         self,
         key: str | bytes,
         wire: str,
         value: Any,
-        ttl: float | None | _Default,
+        ttl: TtlArg,
         lease: bytes | None,
         token: int,
         use_local: bool,
+        load_seconds: float = 0.0,
     ) -> Any:
         """Store a loaded value in L2 (through the lease) and L1; return the L1 item."""
-        negative = value is MISSING
-        if not negative:
-            try:
-                codec.check_value(key, value)
-            except Exception:
-                self._release_lease(wire, lease)
-                raise
-        ttls = self._ttls(ttl, negative)
-        if negative:
-            body, item = b"", NEGATIVE
-        else:
-            body = codec.dump_body(value)
-            item = body if self.settings.local_copy else orjson.loads(body)
+        try:
+            item, size, ttls, payload = self._encode_fill(key, value, ttl, load_seconds)
+        except Exception:
+            self._release_lease(wire, lease)
+            raise
         if not ttls.cacheable:
             self._release_lease(wire, lease)
             return item
         if lease is not None:
-            expires_at = time.time() + ttls.remote if ttls.remote else 0.0
-            if negative:
-                payload = codec.pack(KIND_NEGATIVE, b"", expires_at=expires_at)
-            else:
-                payload = codec.pack_value(
-                    body,
-                    compress_threshold=self.settings.compress_threshold,
-                    expires_at=expires_at,
-                )
-            self._fill_remote(wire, lease, payload, ttls.remote)
+            expire = self._remote_expire(ttls, item is NEGATIVE)
+            self._fill_remote(wire, lease, payload, expire)
         if use_local:
-            self.local.fill(wire, item, len(body), ttls.local, token)
+            self.local.fill(wire, item, size, ttls.local, token)
         signals.send_robust(signals.fill, self, key=key, tier="local")
         return item
 
@@ -377,14 +452,7 @@ class TieredCache:
         self, wire: str, lease: bytes, payload: bytes, ttl: float | None
     ) -> None:
         assert self.remote is not None
-        if len(payload) > self.settings.max_item_size:
-            self.too_large += 1
-            if self.too_large == 1 or self.too_large % 1000 == 0:
-                log.warning(
-                    "%d values too large for memcached kept out of L2 (latest %d bytes)",
-                    self.too_large,
-                    len(payload),
-                )
+        if self._too_large(wire, payload):
             self._release_lease(wire, lease)
             return
         current = self.remote.gets(wire)
@@ -398,12 +466,82 @@ class TieredCache:
             return
         self.remote.cas(wire, payload, cas, ttl)
 
+    def _too_large(self, wire: str, payload: bytes) -> bool:
+        if len(payload) <= self.settings.max_item_size:
+            return False
+        self.too_large += 1
+        if self.too_large == 1 or self.too_large % 1000 == 0:
+            log.warning(
+                "%d values too large for memcached kept out of L2 (latest %d bytes)",
+                self.too_large,
+                len(payload),
+            )
+        log.debug("value of %s too large for memcached", wire)
+        return True
+
     def _release_lease(self, wire: str, lease: bytes | None) -> None:
         if lease is None or self.remote is None:
             return
         current = self.remote.gets(wire)
         if current is not DOWN and current[0] == lease:  # type: ignore[index]
             self.remote.delete_many([wire])
+
+    # -- background refresh --------------------------------------------------------
+
+    def _start_refresh(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+    ) -> None:
+        """Refresh ``wire`` in the background unless another caller already does."""
+        assert self.remote is not None
+        marker = self.keys.encode(b"refresh\0" + wire.encode("ascii"))
+        if self.remote.add(marker, b"", self.settings.lease_ttl) is not True:
+            return
+        if self._refresher is None:
+            self._refresher = concurrent.futures.ThreadPoolExecutor(
+                _REFRESH_WORKERS, thread_name_prefix="tiercache-refresh"
+            )
+        self._refresher.submit(self._refresh, key, wire, loader, ttl, marker)
+
+    def _refresh(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        marker: str,
+    ) -> None:
+        assert self.remote is not None
+        token = self.local.begin_fill()
+        try:
+            # The cas token is read before loading: a write-through deletes
+            # the key, so a refresh that loaded the old row can't store it.
+            current = self.remote.gets(wire)
+            if current is DOWN or current[1] is None:  # type: ignore[index]
+                return
+            cas = current[1]  # type: ignore[index]
+            started = time.monotonic()
+            value = self._call_loader(key, loader)
+            load_seconds = time.monotonic() - started
+            item, size, ttls, payload = self._encode_fill(key, value, ttl, load_seconds)
+            if not ttls.cacheable or self._too_large(wire, payload):
+                return
+            expire = self._remote_expire(ttls, item is NEGATIVE)
+            if not self.remote.cas(wire, payload, cas, expire):
+                self.stale_fills_dropped += 1
+                return
+            self.refreshes += 1
+            if self.bus is None or not self.bus.bypass_local:
+                self.local.fill(wire, item, size, ttls.local, token)
+        except Exception:  # noqa: BLE001 - nobody waits on a background refresh
+            self.refresh_errors += 1
+            log.exception("background refresh failed; the stale value stays")
+        finally:
+            self.local.end_fill(token)
+            self.remote.delete_many([marker])
 
     # -- batches -----------------------------------------------------------------
 
@@ -412,14 +550,15 @@ class TieredCache:
         keys: Iterable[str | bytes],
         loader: Callable[[list[Any]], Mapping[Any, Any]] | None = None,
         *,
-        ttl: float | None | _Default = DEFAULT_TTL,
+        ttl: TtlArg = DEFAULT_TTL,
     ) -> dict[Any, Any]:
         """Return the values of ``keys`` that exist, reading each tier once.
 
-        L1 first, then one multi-get per memcached server, then one
-        ``loader`` call (default ``origin.load_many``) for the rest. Keys the
-        loader doesn't return are cached as absent and left out of the result.
-        Duplicate keys and any iterable are accepted.
+        L1 first, then one multi-get per memcached server (all sent before
+        any reply is read), then one ``loader`` call (default
+        ``origin.load_many``) for the rest. Keys the loader doesn't return
+        are cached as absent and left out of the result. Duplicate keys and
+        any iterable are accepted.
         """
         wires: dict[str, str | bytes] = {}
         for key in keys:
@@ -447,7 +586,7 @@ class TieredCache:
         wires: dict[str, str | bytes],
         missing: list[str],
         loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
-        ttl: float | None | _Default,
+        ttl: TtlArg,
         token: int,
         use_local: bool,
         result: dict[Any, Any],
@@ -455,16 +594,18 @@ class TieredCache:
         leases: dict[str, bytes | None] = {}
         if self.remote is not None:
             found, down = self.remote.get_many(missing)
+            now = time.time()
             to_load: list[str] = []
             for wire in missing:
                 raw = found.get(wire)
                 decoded = self._decode(wire, raw) if raw is not None else MISSING
-                if decoded is MISSING or decoded[0] is KIND_LEASE:
+                if decoded is MISSING or decoded.kind is KIND_LEASE:
                     to_load.append(wire)
                     continue
-                item = self._fill_local_from_remote(wire, decoded, token, use_local)
-                if item is not NEGATIVE:
-                    result[wires[wire]] = self._hand_out(item)
+                if use_local:
+                    self._fill_local_from_remote(wire, decoded, token, now)
+                if decoded.item is not NEGATIVE:
+                    result[wires[wire]] = self._hand_out(decoded.item)
             # NOTE: one add per key; a batch that misses everywhere costs a
             # round trip per key here, on top of the origin's single query.
             for wire in to_load:
@@ -497,6 +638,30 @@ class TieredCache:
         if self.origin is not None:
             return self.origin.load_many(keys)
         return {}
+
+    # -- decorator -----------------------------------------------------------------
+
+    def cached(
+        self,
+        *,
+        key: Callable[..., str | bytes] | None = None,
+        prefix: str | None = None,
+        ttl: TtlArg = DEFAULT_TTL,
+    ) -> Callable[[Callable[..., Any]], CachedFunction]:
+        """Decorate a function so its results are read through this cache.
+
+        The key is ``prefix`` (the function's module and qualified name by
+        default) followed by the JSON array of its arguments, so ``f(1, 23)``
+        and ``f(12, 3)`` never share an entry. Pass ``key`` to build keys
+        yourself, for arguments JSON can't encode. The wrapper has
+        ``invalidate(*args, **kwargs)`` and ``key_for(*args, **kwargs)``.
+        """
+
+        def decorate(function: Callable[..., Any]) -> CachedFunction:
+            name = prefix or f"{function.__module__}.{function.__qualname__}"
+            return CachedFunction(self, function, name, key, ttl)
+
+        return decorate
 
     # -- writing -----------------------------------------------------------------
 
@@ -571,16 +736,27 @@ class TieredCache:
 
     def _after_commit(self, wires: list[str], keys: list[Any]) -> None:
         # A delete that can't reach its server now is queued and replayed
-        # before that server serves again, so it is counted, not raised.
-        if self.remote is not None and not self.remote.delete_many(wires):
-            self.invalidations_failed += 1
+        # before that server serves again, in this process and, through a
+        # "lost" message, in every other: it is counted, not raised.
+        delivered = True
+        if self.remote is not None:
+            delivered = self.remote.delete_many(wires)
+            if not delivered:
+                self.invalidations_failed += 1
         self.local.invalidate(wires)
-        if self.bus is not None and not self.bus.publish(wires):
-            self.invalidations_failed += 1
+        if self.bus is not None:
+            if not self.bus.publish(wires):
+                self.invalidations_failed += 1
+            if not delivered:
+                self.bus.publish_lost_deletes(wires)
         signals.send_robust(signals.invalidated, self, keys=tuple(keys), origin="local")
 
     def _on_remote_invalidation(self, wires: tuple[str, ...], sender: str) -> None:
         signals.send_robust(signals.invalidated, self, keys=wires, origin=sender)
+
+    def _on_lost_deletes(self, wires: tuple[str, ...]) -> None:
+        if self.remote is not None:
+            self.remote.queue_lost_deletes(wires)
 
     def _require_origin(self, operation: str) -> Origin:
         if self.origin is None:
@@ -595,66 +771,17 @@ class TieredCache:
 
     def stats(self) -> dict[str, Any]:
         """Return a snapshot of counters for each tier and the channel."""
-        local = self.local
-        snapshot: dict[str, Any] = {
-            "local": {
-                "hits": local.hits,
-                "misses": local.misses,
-                "fills": local.fills,
-                "evictions": local.evictions,
-                "expirations": local.expirations,
-                "dropped_fills": local.dropped_fills,
-                "oversized": local.oversized,
-                "entries": len(local),
-                "bytes": local.current_bytes,
-            },
-            "origin": {"loads": self.loads},
-            "leases": {
-                "waits": self.lease_waits,
-                "wait_timeouts": self.lease_wait_timeouts,
-                "stale_fills_dropped": self.stale_fills_dropped,
-            },
-            "errors": {
-                "undecodable": self.undecodable,
-                "too_large": self.too_large,
-                "invalidations_failed": self.invalidations_failed,
-                "receiver_failures": signals.receiver_failures(),
-            },
-        }
-        remote = self.remote
-        if remote is not None:
-            snapshot["remote"] = {
-                "hits": remote.hits,
-                "misses": remote.misses,
-                "errors": remote.errors,
-                "node_downs": remote.node_downs,
-                "skipped_down": remote.skipped_down,
-                "deletes_queued": remote.deletes_queued,
-                "refused_stores": remote.too_large,
-                "undecodable_flags": remote.undecodable,
-            }
-        bus = self.bus
-        if bus is not None:
-            snapshot["invalidations"] = {
-                "sent": bus.sent,
-                "received": bus.received,
-                "publish_errors": bus.publish_errors,
-                "gaps": bus.gaps,
-                "channel_losses": bus.losses,
-                "local_flushes": bus.flushes,
-                "malformed": bus.malformed,
-                "trusted": bus.is_trusted,
-                "delay": bus.delay.snapshot(),
-            }
-        return snapshot
+        return snapshot(self)
 
     def close(self) -> None:
-        """Stop the channel subscription and close this thread's sockets."""
+        """Stop the channel subscription, background refreshes and this thread's sockets."""
         if self._closed:
             return
         self._closed = True
         if self.bus is not None:
             self.bus.close()
+        if self._refresher is not None:
+            self._refresher.shutdown(wait=True)
         if self.remote is not None:
             self.remote.close()
 
@@ -667,28 +794,10 @@ class TieredCache:
     def _after_fork(self) -> None:
         self._flights = {}
         self._flights_lock = threading.Lock()
+        self._refresher = None
         self.local.reset_after_fork()
         if self.bus is not None and not self._closed:
             self.bus.after_fork()
-
-
-class PendingInvalidation:
-    """Keys to invalidate once the caller's transaction commits."""
-
-    def __init__(self, cache: TieredCache, connection: Any) -> None:
-        self._cache = cache
-        self._connection = connection
-        self.keys: list[Any] = []
-        self.wires: list[str] = []
-
-    def add(self, *keys: str | bytes) -> None:
-        """Record ``keys``; with a connection, NOTIFY inside its transaction too."""
-        wires = [self._cache.keys.encode(key) for key in keys]
-        self.keys.extend(keys)
-        self.wires.extend(wires)
-        bus = self._cache.bus
-        if self._connection is not None and bus is not None:
-            bus.publish_in_transaction(self._connection, wires)
 
 
 def _origin_from_url(settings: Settings) -> Origin | None:

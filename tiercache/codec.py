@@ -10,9 +10,11 @@ or dropped.
 
 On the wire (memcached) a value is ``TC`` + format byte + kind byte +
 fresh-until and expires-at (8 bytes each, big-endian milliseconds since the
-epoch, 0 for none) + body, stored with the memcached flags
-:data:`WIRE_FLAGS`. The expiry travels with the value so that a process
-filling L1 from L2 never keeps an entry longer than L2 does.
+epoch, 0 for none) + the load's duration (4 bytes, milliseconds) + body,
+stored with the memcached flags :data:`WIRE_FLAGS`. The expiry travels with
+the value so that a process filling L1 from L2 never keeps an entry longer
+than L2 does; fresh-until and the load duration drive stale-while-revalidate
+and early refresh.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -35,12 +37,22 @@ KIND_NEGATIVE: Final = b"n"
 KIND_LEASE: Final = b"l"
 
 _MAGIC = b"TC" + bytes([FORMAT_VERSION])
-_HEADER = struct.Struct(">3scQQ")
+_HEADER = struct.Struct(">3scQQI")
 HEADER_SIZE: Final = _HEADER.size
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 _MAX_DEPTH = 254
+
+
+class Envelope(NamedTuple):
+    """A wire payload split into its parts; times are Unix seconds, 0 for none."""
+
+    kind: bytes
+    body: bytes
+    fresh_until: float
+    expires_at: float
+    load_seconds: float
 
 
 class UndecodableValue(Exception):
@@ -115,10 +127,19 @@ def _millis(when: float) -> int:
 
 
 def pack(
-    kind: bytes, body: bytes, *, fresh_until: float = 0.0, expires_at: float = 0.0
+    kind: bytes,
+    body: bytes,
+    *,
+    fresh_until: float = 0.0,
+    expires_at: float = 0.0,
+    load_seconds: float = 0.0,
 ) -> bytes:
     """Put the header in front of ``body``; times are Unix seconds, 0 for none."""
-    return _HEADER.pack(_MAGIC, kind, _millis(fresh_until), _millis(expires_at)) + body
+    load_millis = min(int(load_seconds * 1000), 0xFFFFFFFF)
+    header = _HEADER.pack(
+        _MAGIC, kind, _millis(fresh_until), _millis(expires_at), load_millis
+    )
+    return header + body
 
 
 def pack_value(
@@ -127,6 +148,7 @@ def pack_value(
     compress_threshold: int,
     fresh_until: float = 0.0,
     expires_at: float = 0.0,
+    load_seconds: float = 0.0,
 ) -> bytes:
     """Pack a JSON body, compressed with zlib when over the threshold and smaller."""
     kind = KIND_JSON
@@ -134,11 +156,17 @@ def pack_value(
         packed = zlib.compress(body, 1)
         if len(packed) < len(body):
             kind, body = KIND_ZLIB, packed
-    return pack(kind, body, fresh_until=fresh_until, expires_at=expires_at)
+    return pack(
+        kind,
+        body,
+        fresh_until=fresh_until,
+        expires_at=expires_at,
+        load_seconds=load_seconds,
+    )
 
 
-def unpack(payload: bytes) -> tuple[bytes, bytes, float, float]:
-    """Split a wire payload into ``(kind, body, fresh_until, expires_at)``.
+def unpack(payload: bytes) -> Envelope:
+    """Split a wire payload into its :class:`Envelope`.
 
     The body is decompressed but not parsed: :func:`load_body` raises
     ``orjson.JSONDecodeError`` (a ``ValueError``) for a body that isn't JSON.
@@ -147,7 +175,9 @@ def unpack(payload: bytes) -> tuple[bytes, bytes, float, float]:
     """
     if len(payload) < HEADER_SIZE:
         raise UndecodableValue("shorter than the header")
-    magic, kind, fresh_millis, expires_millis = _HEADER.unpack_from(payload)
+    magic, kind, fresh_millis, expires_millis, load_millis = _HEADER.unpack_from(
+        payload
+    )
     if magic != _MAGIC:
         raise UndecodableValue("unknown format")
     body = payload[HEADER_SIZE:]
@@ -159,4 +189,6 @@ def unpack(payload: bytes) -> tuple[bytes, bytes, float, float]:
         kind = KIND_JSON
     elif kind not in (KIND_JSON, KIND_NEGATIVE, KIND_LEASE):
         raise UndecodableValue(f"unknown kind {kind!r}")
-    return kind, body, fresh_millis / 1000.0, expires_millis / 1000.0
+    return Envelope(
+        kind, body, fresh_millis / 1000.0, expires_millis / 1000.0, load_millis / 1000.0
+    )

@@ -71,12 +71,14 @@ class InvalidationBus:
         local: LocalTier,
         *,
         on_invalidated: Callable[[tuple[str, ...], str], None] | None = None,
+        on_lost_deletes: Callable[[tuple[str, ...]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.channel = channel
         self.settings = settings
         self.local = local
         self._on_invalidated = on_invalidated
+        self._on_lost_deletes = on_lost_deletes
         self._clock = clock
         self._lock = threading.Lock()
         self._new_identity()
@@ -162,6 +164,14 @@ class InvalidationBus:
             message = Message("inv", self.sender_id, 0, time.time(), tuple(batch))
             notify(connection, message.encode())
 
+    def publish_lost_deletes(self, keys: Iterable[str]) -> bool:
+        """Ask every process to replay deletes of ``keys`` that a server missed."""
+        ok = True
+        max_payload = getattr(self.channel, "max_payload", None)
+        for batch in batch_keys(list(keys), max_payload):
+            ok = self._send("lost", batch) and ok
+        return ok
+
     def publish_flush(self) -> bool:
         """Tell every process to flush its whole local tier."""
         return self._send("flush", [])
@@ -222,6 +232,11 @@ class InvalidationBus:
             self.delay.observe(max(0.0, time.time() - message.sent_at))
             if self._on_invalidated is not None:
                 self._on_invalidated(message.keys, message.sender)
+        elif message.kind == "lost":
+            self.received += 1
+            self.local.invalidate(message.keys)
+            if self._on_lost_deletes is not None:
+                self._on_lost_deletes(message.keys)
         elif message.kind == "flush":
             self.received += 1
             self.local.clear()

@@ -19,8 +19,11 @@ import orjson
 
 MESSAGE_VERSION: Final = 1
 
-Kind = Literal["inv", "hb", "flush"]
-_KINDS: Final = ("inv", "hb", "flush")
+# inv: evict these keys. hb: heartbeat. flush: evict everything. lost: evict
+# these keys and delete them in memcached before using their server again,
+# because the sender's deletes could not reach it.
+Kind = Literal["inv", "hb", "flush", "lost"]
+_KINDS: Final = ("inv", "hb", "flush", "lost")
 
 # Bytes of a message besides its keys, with room for long sender ids and
 # large numbers; each key adds its length plus 3 (quotes and a comma).

@@ -280,7 +280,11 @@ class RemoteTier:
         return value
 
     def get_many(self, keys: Iterable[str]) -> tuple[dict[str, bytes], set[str]]:
-        """Read many keys with one request per server.
+        """Read many keys with one request per server, all sent before any reply is read.
+
+        pymemcache's ``HashClient.get_many`` waits for each server's reply
+        before asking the next; writing every request first overlaps the
+        round trips, so three servers cost about as much as one.
 
         :returns: the values found, and the keys whose server is down.
         """
@@ -289,22 +293,38 @@ class RemoteTier:
             by_node.setdefault(self.node_for(key), []).append(key)
         found: dict[str, bytes] = {}
         down: set[str] = set()
-        # NOTE: servers are asked one after another; sending every request
-        # before reading any reply would overlap their round trips.
+        sent: list[tuple[Node, Client, list[str]]] = []
         for node, node_keys in by_node.items():
             if not self._usable(node):
                 down.update(node_keys)
                 continue
+            client = self._client(node)
+            request = ("get " + " ".join(node_keys) + "\r\n").encode("ascii")
             try:
-                raw = self._client(node).get_many(node_keys)
+                if client.sock is None:
+                    # NOTE: pymemcache opens sockets lazily in a private method;
+                    # a pymemcache release that renames it breaks this line.
+                    client._connect()
+                assert client.sock is not None
+                client.sock.sendall(request)
             except _FAULTS as exc:
                 self._fail(node, exc)
                 down.update(node_keys)
                 continue
-            for key, item in raw.items():
-                value = self._decode_flags(item)
-                if value is not None:
-                    found[key] = value
+            sent.append((node, client, node_keys))
+        for node, client, node_keys in sent:
+            try:
+                assert client.sock is not None
+                raw = _read_values(client.sock)
+            except (*_FAULTS, ValueError) as exc:
+                self._fail(node, exc)
+                down.update(node_keys)
+                continue
+            for key, (flags, data) in raw.items():
+                if flags != WIRE_FLAGS:
+                    self.undecodable += 1
+                else:
+                    found[key] = data
         self.hits += len(found)
         self.misses += sum(len(k) for k in by_node.values()) - len(found) - len(down)
         return found, down
@@ -400,6 +420,21 @@ class RemoteTier:
                 delivered = False
         return delivered
 
+    def queue_lost_deletes(self, keys: Iterable[str]) -> None:
+        """Queue deletes another process could not deliver, for replay before use.
+
+        The owning server is treated as just recovered: the next command for
+        it first replays the queue, so this process can't read a value that
+        the other process meant to delete while the server was away.
+        """
+        by_node: dict[Node, list[str]] = {}
+        for key in keys:
+            by_node.setdefault(self.node_for(key), []).append(key)
+        for node, node_keys in by_node.items():
+            self._queue_delete(node, node_keys)
+            with node.lock:
+                node.failures = max(node.failures, 1)
+
     def flush_all(self) -> None:
         """Drop everything on every server (tests and namespace resets)."""
         for node in self.nodes:
@@ -421,6 +456,40 @@ class RemoteTier:
         self._local = threading.local()
         for node in self.nodes:
             node.lock = threading.Lock()
+
+
+def _read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
+    """Read ``VALUE key flags size`` blocks up to ``END`` from a get reply.
+
+    :raises ValueError: for a reply that breaks the protocol (the caller
+        closes the socket, so nothing of it is read again).
+    """
+    buffer = bytearray()
+    values: dict[str, tuple[int, bytes]] = {}
+    position = 0
+    while True:
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("memcached closed the connection")
+            buffer += chunk
+            continue
+        line = bytes(buffer[position:end])
+        if line == b"END":
+            return values
+        parts = line.split()
+        if len(parts) != 4 or parts[0] != b"VALUE":
+            raise ValueError(f"unexpected memcached reply {line[:40]!r}")
+        size = int(parts[3])
+        start = end + 2
+        while len(buffer) < start + size + 2:
+            chunk = sock.recv(max(65536, start + size + 2 - len(buffer)))
+            if not chunk:
+                raise ConnectionResetError("memcached closed the connection")
+            buffer += chunk
+        values[parts[1].decode("ascii")] = (int(parts[2]), bytes(buffer[start : start + size]))
+        position = start + size + 2
 
 
 _INSTANCES: weakref.WeakSet[RemoteTier] = weakref.WeakSet()

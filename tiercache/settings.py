@@ -25,7 +25,10 @@ _ORIGIN_SCHEMES = ("sqlite", "postgresql", "postgres")
 class Settings:
     """Settings of one cache; every field has a ``TIERCACHE_<FIELD>`` variable.
 
-    Durations are seconds and sizes are bytes. An empty
+    Durations are seconds and sizes are bytes. ``stale_ttl`` is how long
+    past its fresh TTL an L2 entry may still be served while one caller
+    refreshes it; ``early_refresh_beta`` turns on probabilistic early
+    refresh (XFetch; 1.0 is the usual value). An empty
     ``memcached_servers`` runs without a remote tier, and an empty
     ``channel_url`` without cross-process invalidation, which only suits a
     single process.
@@ -39,6 +42,8 @@ class Settings:
     local_copy: bool = True
     remote_ttl: float | None = 3600.0
     negative_ttl: float = 30.0
+    stale_ttl: float = 0.0
+    early_refresh_beta: float = 0.0
     ttl_jitter: float = 0.1
     connect_timeout: float = 0.25
     read_timeout: float = 0.25
@@ -181,6 +186,10 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
         or settings.remote_ttl <= 0
     ):
         fail("remote_ttl", "a positive number of seconds, or none for no expiry")
+    for name in ("stale_ttl", "early_refresh_beta"):
+        value = getattr(settings, name)
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            fail(name, "a finite number, 0 or more (0 turns it off)")
     if not _is_number(settings.ttl_jitter) or not 0 <= settings.ttl_jitter < 1:
         fail("ttl_jitter", "a fraction from 0 up to, not including, 1")
     if type(settings.local_copy) is not bool:

@@ -271,6 +271,7 @@ class _ServerProcess:
         """
         process = self._require_process()
         os.killpg(process.pid, signal.SIGSTOP)
+        _wait_until_group_stopped(process.pid)
         self._paused = True
         logger.debug("paused %s pid %d on %s", self.name, process.pid, self.address)
 
@@ -451,6 +452,52 @@ def _kill_process_group(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _wait_until_group_stopped(pgid: int, timeout: float = 2.0) -> None:
+    """Wait until every thread in process group ``pgid`` is stopped by a signal.
+
+    kill() only queues SIGSTOP, so a thread that runs on another CPU can still
+    handle a request right after it. Returns at once where /proc is missing.
+    """
+    if not Path("/proc/self/stat").exists():
+        return
+    deadline = time.monotonic() + timeout
+    while not _is_group_stopped(pgid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"process group {pgid} did not stop within {timeout} s of SIGSTOP"
+            )
+        time.sleep(0.001)
+
+
+def _read_proc_stat(path: Path) -> list[str] | None:
+    """Return the fields of a /proc stat file after the command name, from state.
+
+    Returns None when the process or thread has exited.
+    """
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses, so split after the
+    # last closing parenthesis.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _is_group_stopped(pgid: int) -> bool:
+    # Thread states: T is stopped by a signal, Z and X have exited.
+    done_states = {"T", "Z", "X"}
+    for process_stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _read_proc_stat(process_stat)
+        # fields[2] is the process group id.
+        if fields is None or int(fields[2]) != pgid:
+            continue
+        for thread_stat in (process_stat.parent / "task").glob("[0-9]*/stat"):
+            thread_fields = _read_proc_stat(thread_stat)
+            if thread_fields is not None and thread_fields[0] not in done_states:
+                return False
+    return True
 
 
 def _read_log(path: Path, offset: int) -> str:
