@@ -25,12 +25,24 @@ _DIGEST_SIZE = 30  # 240 bits: 40 base64 characters
 class KeyCodec:
     """Turns keys into namespaced memcached keys, memoizing recent ones."""
 
-    __slots__ = ("namespace", "_prefix", "encode")
+    __slots__ = ("namespace", "_prefix", "_memo")
 
     def __init__(self, namespace: str, *, memo_size: int = 65_536) -> None:
         self.namespace = namespace
         self._prefix = namespace + "|"
-        self.encode = lru_cache(maxsize=memo_size)(self._encode)
+        self._memo = lru_cache(maxsize=memo_size)(self._encode)
+
+    def encode(self, key: str | bytes) -> str:
+        """Return the memcached key of ``key``.
+
+        :raises TypeError: if ``key`` is neither ``str`` nor ``bytes``.
+        """
+        if not isinstance(key, str | bytes):
+            raise TypeError(
+                f"cache key must be str or bytes, not {type(key).__name__}: "
+                f"{key!r}; convert it with str() or build it with a key function"
+            )
+        return self._memo(key)
 
     def _encode(self, key: str | bytes) -> str:
         if isinstance(key, str) and type(key) is not str:
@@ -42,12 +54,7 @@ class KeyCodec:
             ):
                 return self._prefix + "=" + key
             data = b"s" + key.encode("utf-8", "surrogatepass")
-        elif type(key) is bytes:
-            data = b"b" + key
         else:
-            raise TypeError(
-                f"cache key must be str or bytes, not {type(key).__name__}: "
-                f"{key!r}; convert it with str() or build it with a key function"
-            )
+            data = b"b" + bytes(key)
         digest = hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
         return self._prefix + "#" + base64.urlsafe_b64encode(digest).decode("ascii")
