@@ -122,6 +122,8 @@ class InvalidationBus:
             target=self._heartbeat_loop, name="tiercache-heartbeat", daemon=True
         )
         self._thread.start()
+        # Tell peers this sender's starting number before it sends anything.
+        self._send("hb", [])
 
     def close(self) -> None:
         """Stop the heartbeat thread and close the channel."""
@@ -215,10 +217,13 @@ class InvalidationBus:
             self._apply(message)
             return
         with self._lock:
-            last = self._last_seen.get(message.sender)
+            # An unknown sender counts from 0: if its first message this
+            # process hears is not its first, something may have been lost.
+            # A peer that was already running costs one spurious flush.
+            last = self._last_seen.get(message.sender, 0)
             expected = message.seq if message.kind == "hb" else message.seq - 1
-            gap = last is not None and expected > last
-            if last is None or message.seq > last:
+            gap = expected > last
+            if message.seq > last:
                 self._last_seen[message.sender] = message.seq
         if gap:
             self.gaps += 1
