@@ -59,7 +59,9 @@ class PostgresOrigin:
         self.loads += 1
         row = (
             self.connection()
-            .execute(f"SELECT value FROM {self.table} WHERE key = %s", (key_bytes(key),))
+            .execute(
+                f"SELECT value FROM {self.table} WHERE key = %s", (key_bytes(key),)
+            )
             .fetchone()
         )
         return MISSING if row is None else orjson.loads(row[0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -103,7 +102,9 @@ class RedisChannel:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if subscribed:
                     self._report(False)
-                log.debug("redis channel %s: %s; retrying in %.2fs", self.url, exc, backoff)
+                log.debug(
+                    "redis channel %s: %s; retrying in %.2fs", self.url, exc, backoff
+                )
                 self.reconnects += 1
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)

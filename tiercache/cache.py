@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias, cast
 
 import orjson
 
@@ -87,7 +87,7 @@ class _Ttl(NamedTuple):
 
 
 class TieredCache:
-    """A read-through, write-through cache over L1 (local), L2 (memcached) and an origin.
+    """A read-through, write-through cache over L1, L2 (memcached) and an origin.
 
     :param settings: the settings; read from ``TIERCACHE_*`` variables when
         omitted.
@@ -114,7 +114,9 @@ class TieredCache:
             max_bytes=self.settings.local_max_bytes,
             clock=clock,
         )
-        self.remote = RemoteTier(self.settings) if self.settings.memcached_servers else None
+        self.remote = (
+            RemoteTier(self.settings) if self.settings.memcached_servers else None
+        )
         if channel is None and self.settings.channel_url:
             channel = make_channel(self.settings.channel_url)
         self.bus: InvalidationBus | None = None
@@ -233,15 +235,21 @@ class TieredCache:
             if self.remote is not None:
                 found = self._read_remote(wire)
                 if found is not MISSING and found.kind is not KIND_LEASE:
-                    return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+                    return self._use_remote(
+                        key, wire, loader, ttl, found, token, use_local
+                    )
                 lease, found = self._acquire_lease(wire, found)
                 if found is not MISSING:
-                    return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+                    return self._use_remote(
+                        key, wire, loader, ttl, found, token, use_local
+                    )
             signals.send_robust(signals.miss, self, key=key)
             started = time.monotonic()
             value = self._call_loader(key, loader)
             load_seconds = time.monotonic() - started
-            return self._fill(key, wire, value, ttl, lease, token, use_local, load_seconds)
+            return self._fill(
+                key, wire, value, ttl, lease, token, use_local, load_seconds
+            )
         finally:
             self.local.end_fill(token)
 
@@ -359,7 +367,9 @@ class TieredCache:
         if ttl > 0:
             self.local.fill(wire, found.item, found.size, ttl, token)
 
-    def _call_loader(self, key: str | bytes, loader: Callable[[Any], Any] | None) -> Any:
+    def _call_loader(
+        self, key: str | bytes, loader: Callable[[Any], Any] | None
+    ) -> Any:
         self.loads += 1
         if loader is not None:
             return loader(key)
@@ -398,7 +408,12 @@ class TieredCache:
         now = time.time()
         if negative:
             expires_at = now + ttls.remote if ttls.remote else 0.0
-            return NEGATIVE, 0, ttls, codec.pack(KIND_NEGATIVE, b"", expires_at=expires_at)
+            return (
+                NEGATIVE,
+                0,
+                ttls,
+                codec.pack(KIND_NEGATIVE, b"", expires_at=expires_at),
+            )
         codec.check_value(key, value)
         body = codec.dump_body(value)
         item = body if self.settings.local_copy else orjson.loads(body)
@@ -612,7 +627,10 @@ class TieredCache:
                 lease = None
                 if wire not in down:
                     lease = codec.pack(KIND_LEASE, os.urandom(12))
-                    if self.remote.add(wire, lease, self.settings.lease_ttl) is not True:
+                    if (
+                        self.remote.add(wire, lease, self.settings.lease_ttl)
+                        is not True
+                    ):
                         lease = None
                 leases[wire] = lease
             missing = to_load
@@ -774,7 +792,7 @@ class TieredCache:
         return snapshot(self)
 
     def close(self) -> None:
-        """Stop the channel subscription, background refreshes and this thread's sockets."""
+        """Stop the subscription, background refreshes and this thread's sockets."""
         if self._closed:
             return
         self._closed = True
@@ -805,7 +823,7 @@ def _origin_from_url(settings: Settings) -> Origin | None:
         return None
     from .adapters import origin_from_url
 
-    return origin_from_url(settings.origin_url)
+    return cast(Origin, origin_from_url(settings.origin_url))
 
 
 _CACHES: weakref.WeakSet[TieredCache] = weakref.WeakSet()

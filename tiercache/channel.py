@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .contracts import Channel
 from .errors import ChannelError
@@ -93,9 +93,10 @@ def make_channel(url: str, **options: Any) -> Channel:
             from .adapters.redis_channel import RedisChannel
         except ImportError as exc:
             raise ChannelError(
-                f"channel {url!r} needs redis-py: pip install 'tiercache[redis]' ({exc})"
+                f"channel {url!r} needs redis-py: "
+                f"pip install 'tiercache[redis]' ({exc})"
             ) from exc
-        return RedisChannel(url, **options)
+        return cast(Channel, RedisChannel(url, **options))
     if scheme in ("postgresql", "postgres"):
         try:
             from .adapters.postgres_channel import PostgresChannel
@@ -104,7 +105,7 @@ def make_channel(url: str, **options: Any) -> Channel:
                 f"channel {url!r} needs psycopg 3: pip install "
                 f"'tiercache[postgres]' ({exc})"
             ) from exc
-        return PostgresChannel(url, **options)
+        return cast(Channel, PostgresChannel(url, **options))
     raise ChannelError(
         f"unknown channel URL {url!r}; use redis://, postgresql:// or memory://"
     )

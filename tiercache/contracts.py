@@ -32,6 +32,10 @@ class Channel(Protocol):
     process, including this one. ``on_state`` is called with ``True`` when
     the subscription is (re)established and with ``False`` when it is lost,
     so the cache can flush its local tier for the time it was deaf.
+    ``after_fork`` runs in a child process: it must drop the connections
+    inherited from the parent without closing them, and subscribe again.
+    A channel may also set ``max_payload`` (bytes per message) and offer
+    ``notify_in_transaction(connection, payload)``.
     """
 
     def publish(self, payload: bytes) -> None: ...
@@ -41,6 +45,8 @@ class Channel(Protocol):
         receiver: Callable[[bytes], None],
         on_state: Callable[[bool], None],
     ) -> None: ...
+
+    def after_fork(self) -> None: ...
 
     def close(self) -> None: ...
 

@@ -207,7 +207,9 @@ class InvalidationBus:
         except MalformedMessage as exc:
             self.malformed += 1
             if self.malformed == 1 or self.malformed % 1000 == 0:
-                log.warning("dropped %d malformed channel messages: %s", self.malformed, exc)
+                log.warning(
+                    "dropped %d malformed channel messages: %s", self.malformed, exc
+                )
             return
         if message.sender == self.sender_id:
             self._heard_self()

@@ -48,13 +48,12 @@ class KeyCodec:
         if isinstance(key, str) and type(key) is not str:
             key = key[:]  # a str subclass (StrEnum) keys like its plain text
         if type(key) is str:
-            if (
-                len(self._prefix) + 1 + len(key) <= MEMCACHED_KEY_MAX
-                and _PLAIN_RE.fullmatch(key)
-            ):
+            if len(self._prefix) + 1 + len(
+                key
+            ) <= MEMCACHED_KEY_MAX and _PLAIN_RE.fullmatch(key):
                 return self._prefix + "=" + key
             data = b"s" + key.encode("utf-8", "surrogatepass")
         else:
-            data = b"b" + bytes(key)
+            data = b"b" + bytes(key)  # type: ignore[arg-type]
         digest = hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
         return self._prefix + "#" + base64.urlsafe_b64encode(digest).decode("ascii")

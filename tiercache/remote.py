@@ -213,7 +213,9 @@ class RemoteTier:
             node.pending_deletes.difference_update(pending)
             node.failures = 0
         log.warning(
-            "memcached %s is back; replayed %d queued deletes", node.address, len(pending)
+            "memcached %s is back; replayed %d queued deletes",
+            node.address,
+            len(pending),
         )
         return True
 
@@ -280,7 +282,7 @@ class RemoteTier:
         return value
 
     def get_many(self, keys: Iterable[str]) -> tuple[dict[str, bytes], set[str]]:
-        """Read many keys with one request per server, all sent before any reply is read.
+        """Read many keys: one request per server, all sent before any reply is read.
 
         pymemcache's ``HashClient.get_many`` waits for each server's reply
         before asking the next; writing every request first overlaps the
@@ -488,7 +490,10 @@ def _read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
             if not chunk:
                 raise ConnectionResetError("memcached closed the connection")
             buffer += chunk
-        values[parts[1].decode("ascii")] = (int(parts[2]), bytes(buffer[start : start + size]))
+        values[parts[1].decode("ascii")] = (
+            int(parts[2]),
+            bytes(buffer[start : start + size]),
+        )
         position = start + size + 2
 
 

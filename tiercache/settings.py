@@ -1,4 +1,4 @@
-"""Settings of a :class:`~tiercache.TieredCache`, read from ``TIERCACHE_*`` variables."""
+"""Settings of a :class:`~tiercache.TieredCache`, from ``TIERCACHE_*`` variables."""
 
 from __future__ import annotations
 
@@ -103,7 +103,9 @@ class Settings:
 _FIELD_SOURCES: dict[int, dict[str, str]] = {}
 
 
-def _build(cls: type[Settings], values: dict[str, Any], sources: dict[str, str]) -> Settings:
+def _build(
+    cls: type[Settings], values: dict[str, Any], sources: dict[str, str]
+) -> Settings:
     # __post_init__ looks the sources up by the new object's id; object.__new__
     # lets us register them before __init__ runs.
     obj = object.__new__(cls)
@@ -205,7 +207,10 @@ def _check_url(url: object, schemes: tuple[str, ...], name: str, fail: Any) -> N
         fail(name, "a URL string")
         return
     if url and url.split("://", 1)[0] not in schemes or url and "://" not in url:
-        fail(name, "empty or a URL starting with " + ", ".join(s + "://" for s in schemes))
+        fail(
+            name,
+            "empty or a URL starting with " + ", ".join(s + "://" for s in schemes),
+        )
 
 
 def _is_number(value: object) -> bool:

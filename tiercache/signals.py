@@ -46,7 +46,7 @@ def send_robust(signal: Signal, sender: Any, **kwargs: Any) -> None:
                 log.exception(
                     "receiver %r of signal %s raised (%d failures so far)",
                     receiver,
-                    signal.name,
+                    getattr(signal, "name", signal),
                     _failures,
                 )
 

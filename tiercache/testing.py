@@ -4,8 +4,8 @@ Each server class starts its own server process on a free loopback port, with it
 files in a new temporary directory, so tests never use a system-wide server on the
 standard ports. A server runs in its own process group, so ``pause()`` and
 ``kill()`` reach its child processes too, and a Ctrl-C in the terminal does not
-reach it. Servers that are still running when the interpreter exits are stopped by
-an ``atexit`` handler.
+reach it. At interpreter exit, an ``atexit`` handler stops the servers that are
+still running and removes the temporary directories of all servers.
 
 NOTE: ``atexit`` handlers do not run when the test process itself is killed by a
 signal (SIGKILL, or SIGTERM without a handler), so such a run leaves its servers
@@ -73,8 +73,9 @@ _POSTGRES_LIB_GLOB = "/usr/lib/postgresql/*/bin"
 # free_port() returned before the server could bind it.
 _PORT_ATTEMPTS = 5
 
-# Servers started by this process and not yet stopped, for the atexit handler.
-_running_servers: set[_ServerProcess] = set()
+# Servers of this process that have a running process or a temporary directory,
+# for the atexit handler.
+_active_servers: set[_ServerProcess] = set()
 
 
 class ServerNotInstalledError(RuntimeError):
@@ -210,19 +211,28 @@ class _ServerProcess:
     def start(self) -> Self:
         """Start the server and wait until it accepts connections.
 
-        Without a ``port`` argument the first start picks a free port, and tries
-        another one if a different process takes it first. Raises RuntimeError when
-        the server is already running or exits during startup, TimeoutError when
-        it does not accept connections within ``startup_timeout`` seconds.
+        Without a ``port`` argument, start() picks a free port, and tries another
+        one if a different process takes it first. Raises RuntimeError when the
+        server is already running or exits during startup, TimeoutError when it
+        does not accept connections within ``startup_timeout`` seconds. A failed
+        start removes the temporary directory.
         """
         if self.is_running:
             raise RuntimeError(
                 f"{self.name} server is already running (pid {self.pid})"
             )
+        try:
+            self._start_on_free_port()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_on_free_port(self) -> None:
         self._prepare()
         if self._requested_port is not None:
             self._launch(self._requested_port)
-            return self
+            return
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             port = free_port(self._host)
             try:
@@ -237,19 +247,22 @@ class _ServerProcess:
                 )
             else:
                 break
-        return self
 
     def stop(self) -> None:
         """Stop the server and remove its temporary files.
 
         Sends ``stop_signal`` and waits up to ``stop_timeout`` seconds, then sends
-        SIGKILL. A paused server is resumed first. Does nothing when the server
-        is not running.
+        SIGKILL. A paused server is resumed first. Calling stop() again does
+        nothing.
         """
         self._terminate()
         if self._tempdir is not None:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
+            try:
+                shutil.rmtree(self._tempdir)
+            except OSError as error:
+                logger.warning("failed to remove %s: %s", self._tempdir, error)
             self._tempdir = None
+        _active_servers.discard(self)
 
     def kill(self) -> None:
         """Kill the server and its child processes with SIGKILL, like a crash.
@@ -341,6 +354,8 @@ class _ServerProcess:
     def _prepare(self) -> None:
         if self._tempdir is None:
             self._tempdir = Path(tempfile.mkdtemp(prefix=f"tiercache-{self.name}-"))
+            self._owner_pid = os.getpid()
+            _active_servers.add(self)
         self._prepare_files(self._tempdir)
 
     def _launch(self, port: int) -> None:
@@ -368,8 +383,6 @@ class _ServerProcess:
         self._process = process
         self._port = port
         self._paused = False
-        self._owner_pid = os.getpid()
-        _running_servers.add(self)
         logger.debug("started %s pid %d on %s", self.name, process.pid, self.address)
 
     def _wait_ready(
@@ -442,7 +455,6 @@ class _ServerProcess:
     def _forget_process(self) -> None:
         self._process = None
         self._paused = False
-        _running_servers.discard(self)
 
 
 def _kill_process_group(process: subprocess.Popen[bytes]) -> None:
@@ -510,8 +522,8 @@ def _read_log(path: Path, offset: int) -> str:
 
 
 @atexit.register
-def _stop_running_servers() -> None:
-    for server in list(_running_servers):
+def _stop_active_servers() -> None:
+    for server in list(_active_servers):
         # A child created by os.fork() inherits this set but not the processes.
         if server._owner_pid != os.getpid():
             continue
