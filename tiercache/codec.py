@@ -29,7 +29,7 @@ import orjson
 from .errors import SerializationError, UnsupportedTypeError
 
 WIRE_FLAGS: Final = 0x7463
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 
 KIND_JSON: Final = b"j"
 KIND_ZLIB: Final = b"z"
@@ -70,7 +70,10 @@ def check_value(key: object, value: Any) -> None:
     while stack:
         item, path, depth = stack.pop()
         kind = type(item)
-        if kind is str or kind is bool or item is None:
+        if kind is str:
+            _check_text(key, item, path)
+            continue
+        if kind is bool or item is None:
             continue
         if kind is int:
             if not _INT_MIN <= item <= _INT_MAX:
@@ -103,6 +106,7 @@ def check_value(key: object, value: Any) -> None:
                         f"{type(name).__name__} dict key {name!r}; only str "
                         f"keys read back unchanged, so convert the keys to str"
                     )
+                _check_text(key, name, f"{path} key {name[:40]!r}")
                 stack.append((child, f"{path}[{name!r}]", depth + 1))
             continue
         raise UnsupportedTypeError(
@@ -110,6 +114,16 @@ def check_value(key: object, value: Any) -> None:
             f"{kind.__qualname__}, which would not read back as the same type; "
             f"convert it to str, int, float, bool, None, list or dict first"
         )
+
+
+def _check_text(key: object, text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SerializationError(
+            f"cannot cache key {key!r}: {path} is a str with a lone surrogate, "
+            f"which UTF-8 can't encode; decode it with errors='replace' first"
+        ) from None
 
 
 def dump_body(value: Any) -> bytes:

@@ -276,7 +276,9 @@ class RemoteTier:
             return None
         value = self._decode_flags(raw)
         if value is None:
+            # Another program's item: delete it, so this key can be filled.
             self.misses += 1
+            self.delete_many([key])
         else:
             self.hits += 1
         return value
@@ -296,6 +298,7 @@ class RemoteTier:
         found: dict[str, bytes] = {}
         down: set[str] = set()
         sent: list[tuple[Node, Client, list[str]]] = []
+        foreign: list[str] = []
         for node, node_keys in by_node.items():
             if not self._usable(node):
                 down.update(node_keys)
@@ -325,8 +328,11 @@ class RemoteTier:
             for key, (flags, data) in raw.items():
                 if flags != WIRE_FLAGS:
                     self.undecodable += 1
+                    foreign.append(key)
                 else:
                     found[key] = data
+        if foreign:
+            self.delete_many(foreign)
         self.hits += len(found)
         self.misses += sum(len(k) for k in by_node.values()) - len(found) - len(down)
         return found, down
@@ -343,7 +349,11 @@ class RemoteTier:
             return DOWN
         if raw is None:
             return None, None
-        return self._decode_flags(raw), cas
+        value = self._decode_flags(raw)
+        if value is None:
+            self.delete_many([key])
+            return None, None
+        return value, cas
 
     # -- writes --------------------------------------------------------------
 

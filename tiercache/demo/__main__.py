@@ -13,14 +13,17 @@ import argparse
 import contextlib
 import logging
 import secrets
+import signal
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tiercache import ConfigurationError, Settings
@@ -74,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     :returns: the exit status, see ``--help``.
     """
     args = cli.parse_args(argv)
-    with _progress_logging(quiet=args.quiet):
+    with _progress_logging(quiet=args.quiet), _sigterm_as_interrupt():
         try:
             return _run_demo(args)
         except KeyboardInterrupt:
@@ -109,6 +112,26 @@ def _progress_logging(*, quiet: bool) -> Iterator[None]:
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM like Ctrl-C, so the demo stops what it started.
+
+    Only the main thread can set signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -163,13 +186,13 @@ def _run_demo(args: argparse.Namespace) -> int:
             write_rate=args.write_rate,
             staleness_bound=args.staleness_bound,
             seed=args.seed,
-            origin=f"SQLite in WAL mode, seeded at {origin.path}; each run on a copy",
+            origin=f"SQLite (WAL) {origin.path}, each run on its own copy",
             memcached=f"{','.join(servers.memcached)} ({servers.memcached_note})",
             channel=f"{servers.channel} ({servers.channel_note})",
             cache_settings=(
-                f"namespace {settings.namespace}, local_ttl {settings.local_ttl:g} s, "
-                f"remote_ttl {settings.remote_ttl:g} s, "
-                f"L1 max {settings.local_max_entries:,} entries per process"
+                f"namespace {settings.namespace}, local_ttl {settings.local_ttl:g} s,"
+                f" remote_ttl {settings.remote_ttl:g} s, L1 at most "
+                f"{settings.local_max_entries:,} entries per process"
             ),
         )
         print(format_report(description, figures[CACHED], figures[ORIGIN_ONLY]), end="")
@@ -202,7 +225,7 @@ def _prepare_origin(args: argparse.Namespace, data_dir: Path) -> _Origin:
         source = f"loaded from {args.templates}"
     else:
         templates = generate_templates(args.seed)
-        source = "generated"
+        source = "generated, 10 to 30 KB each"
     identity = DataSetIdentity(
         seed=args.seed,
         subscriber_count=args.subscribers,

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="ALPHA",
         help="Zipf exponent of subscriber popularity; the default 1.0 imitates "
-        f"{DEFAULT_ZIPF_CLUSTER}, and 0 is uniform (default: 1.0)",
+        f"{DEFAULT_ZIPF_CLUSTER.replace('%', '%%')}; 0 is uniform (default: 1.0)",
     )
     add(
         "--write-rate",

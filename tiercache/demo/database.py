@@ -57,6 +57,14 @@ CREATE TABLE segment_members (
     PRIMARY KEY (subscriber_id, segment_id)
 );
 CREATE INDEX segment_members_by_segment ON segment_members (segment_id);
+CREATE TABLE events (
+    subscriber_id INTEGER NOT NULL REFERENCES subscribers (id),
+    occurred_at INTEGER NOT NULL,  -- Unix time in seconds
+    kind TEXT NOT NULL CHECK (kind IN ('open', 'click', 'purchase')),
+    campaign_id INTEGER NOT NULL,
+    amount_cents INTEGER
+);
+CREATE INDEX events_by_subscriber ON events (subscriber_id, occurred_at);
 CREATE TABLE templates (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -226,6 +234,11 @@ def _insert_rows(
         "INSERT INTO segment_members (segment_id, subscriber_id, added_at)"
         " VALUES (?, ?, ?)",
         dataset.segment_members,
+    )
+    connection.executemany(
+        "INSERT INTO events (subscriber_id, occurred_at, kind, campaign_id,"
+        " amount_cents) VALUES (?, ?, ?, ?, ?)",
+        dataset.events,
     )
     connection.executemany(
         "INSERT INTO templates (id, name, html, version, updated_at)"

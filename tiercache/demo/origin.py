@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,6 @@ class CampaignOrigin:
         ``version`` and ``updated_at`` are ignored and set here. Every store
         changes the row, because the version always increases.
 
-        NOTE: the ``member_count`` of a cached ``segment:<id>`` is not
-        invalidated when a profile store changes the subscriber's segments.
-
         :raises ValueError: if ``key`` or ``value`` is malformed.
         :raises sqlite3.Error: if the write fails; nothing is committed then.
         """
@@ -157,6 +155,7 @@ class CampaignOrigin:
         kind, row_id = parse_key(key)
         if kind == "subscriber":
             statements = [
+                "DELETE FROM events WHERE subscriber_id = ?",
                 "DELETE FROM custom_fields WHERE subscriber_id = ?",
                 "DELETE FROM segment_members WHERE subscriber_id = ?",
                 "DELETE FROM preferences WHERE subscriber_id = ?",
@@ -256,6 +255,15 @@ class CampaignOrigin:
                 },
                 "fields": {},
                 "segments": [],
+                "engagement": {
+                    "opens": 0,
+                    "clicks": 0,
+                    "orders": 0,
+                    "revenue_cents": 0,
+                    "last_open_at": None,
+                    "last_activity_at": None,
+                    "recent": [],
+                },
             }
         if not profiles:
             return profiles
@@ -274,7 +282,52 @@ class CampaignOrigin:
             ids,
         ):
             profiles[subscriber_id]["segments"].append(segment_id)
+        self._select_engagement(connection, ids, marks, profiles)
         return profiles
+
+    def _select_engagement(
+        self,
+        connection: sqlite3.Connection,
+        ids: list[int],
+        marks: str,
+        profiles: dict[int, dict[str, Any]],
+    ) -> None:
+        """Add engagement totals and the five latest events to each profile.
+
+        The totals aggregate the subscriber's whole event history, as an
+        engagement score does; popular subscribers have the longest ones.
+        """
+        for row in self._execute(
+            connection,
+            "SELECT subscriber_id, SUM(kind = 'open'), SUM(kind = 'click'),"
+            " SUM(kind = 'purchase'), COALESCE(SUM(amount_cents), 0),"
+            " MAX(CASE WHEN kind = 'open' THEN occurred_at END), MAX(occurred_at)"
+            f" FROM events WHERE subscriber_id IN ({marks}) GROUP BY subscriber_id",
+            ids,
+        ):
+            engagement = profiles[row[0]]["engagement"]
+            engagement["opens"] = row[1]
+            engagement["clicks"] = row[2]
+            engagement["orders"] = row[3]
+            engagement["revenue_cents"] = row[4]
+            engagement["last_open_at"] = _iso_time(row[5])
+            engagement["last_activity_at"] = _iso_time(row[6])
+        for subscriber_id in profiles:
+            recent = profiles[subscriber_id]["engagement"]["recent"]
+            for occurred_at, kind, campaign_id, amount_cents in self._execute(
+                connection,
+                "SELECT occurred_at, kind, campaign_id, amount_cents FROM events"
+                " WHERE subscriber_id = ? ORDER BY occurred_at DESC LIMIT 5",
+                (subscriber_id,),
+            ):
+                recent.append(
+                    {
+                        "at": _iso_time(occurred_at),
+                        "kind": kind,
+                        "campaign_id": campaign_id,
+                        "amount_cents": amount_cents,
+                    }
+                )
 
     def _select_templates(
         self, connection: sqlite3.Connection, ids: list[int]
@@ -301,11 +354,8 @@ class CampaignOrigin:
     ) -> dict[int, dict[str, Any]]:
         rows = self._execute(
             connection,
-            "SELECT g.id, g.name, g.description, g.rule, g.version, g.updated_at,"
-            " COUNT(m.subscriber_id)"
-            " FROM segments AS g"
-            " LEFT JOIN segment_members AS m ON m.segment_id = g.id"
-            f" WHERE g.id IN ({_placeholders(ids)}) GROUP BY g.id",
+            "SELECT id, name, description, rule, version, updated_at FROM segments"
+            f" WHERE id IN ({_placeholders(ids)})",
             ids,
         )
         return {
@@ -316,7 +366,6 @@ class CampaignOrigin:
                 "rule": row[3],
                 "version": row[4],
                 "updated_at": row[5],
-                "member_count": row[6],
             }
             for row in rows
         }
@@ -437,6 +486,12 @@ class CampaignOrigin:
                 now_timestamp(),
             ),
         )
+
+
+def _iso_time(unix_seconds: int | None) -> str | None:
+    if unix_seconds is None:
+        return None
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _placeholders(values: list[Any]) -> str:

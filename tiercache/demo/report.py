@@ -11,7 +11,7 @@ LABEL_WIDTH = 44
 VALUE_WIDTH = 14
 # The default Zipf exponent imitates this cluster, whose fitted exponent is
 # the closest to 1.0 in the Twitter 2020 cache traces (OSDI 2020, Yang et al.).
-DEFAULT_ZIPF_CLUSTER = "Twitter 2020 cache traces, cluster25 (alpha 0.99, 95% gets)"
+DEFAULT_ZIPF_CLUSTER = "Twitter 2020 cache traces, cluster25: alpha 0.99, 95% gets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,23 +50,28 @@ def format_report(
 
 
 def _header(description: DemoDescription) -> list[str]:
-    zipf = f"Zipf exponent {description.zipf_exponent:.2f}"
-    if description.zipf_exponent == 1.0:
-        zipf += f", imitating {DEFAULT_ZIPF_CLUSTER}"
-    return [
+    lines = [
         "tiercache demo: an email campaign send, cached and origin only",
-        f"  data set    {description.subscribers:,} subscribers, "
-        f"{description.templates} templates ({description.templates_source}), "
+        f"  data set   {description.subscribers:,} subscribers, "
         f"{description.campaigns} campaigns, seed {description.seed}",
-        f"  workload    {description.workers} sender processes for "
-        f"{description.duration:g} s per run; {zipf}",
-        f"  editor      {description.write_rate:g} write-throughs/s to popular "
-        f"subscribers; staleness bound {description.staleness_bound:g} s",
-        f"  origin      {description.origin}",
-        f"  L2          memcached {description.memcached}",
-        f"  channel     {description.channel}",
-        f"  cache       {description.cache_settings}",
+        f"  templates  {description.templates} {description.templates_source}",
+        f"  workload   {description.workers} sender processes, "
+        f"{description.duration:g} s per run, Zipf exponent "
+        f"{description.zipf_exponent:.2f}",
     ]
+    if description.zipf_exponent == 1.0:
+        lines.append(f"             (imitates {DEFAULT_ZIPF_CLUSTER})")
+    lines += [
+        f"  editor     {description.write_rate:g} write-throughs/s to popular "
+        "subscribers, half of them status changes",
+        f"  bound      {description.staleness_bound:g} s from an unsubscribe's "
+        "commit to the last email that may miss it",
+        f"  origin     {description.origin}",
+        f"  L2         memcached {description.memcached}",
+        f"  channel    {description.channel}",
+        f"  cache      {description.cache_settings}",
+    ]
+    return lines
 
 
 def _row(label: str, cached: str, origin_only: str) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import queue
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +80,8 @@ def run_send(spec: RunSpec, *, workers: int, show_progress: bool) -> RunResult:
                 name=f"tiercache-demo {spec.mode} {name}",
                 daemon=True,
             )
-            process.start()
+            with _sigint_ignored():
+                process.start()
             processes[name] = process
         logger.debug("%s run: started %d processes", spec.mode, len(processes))
         _collect(results, processes, "ready", time.monotonic() + READY_TIMEOUT)
@@ -95,6 +100,25 @@ def run_send(spec: RunSpec, *, workers: int, show_progress: bool) -> RunResult:
         workers=[outcomes[name] for name in names if name != EDITOR_NAME],
         editor=outcomes[EDITOR_NAME],
     )
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while starting a process, so that the process inherits it.
+
+    A Ctrl-C in the terminal reaches every process in the foreground group.
+    A spawned interpreter that starts with SIGINT ignored keeps ignoring it,
+    so only the main process handles Ctrl-C, and it terminates the others.
+    Without this, a process still importing would print a traceback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _ProgressReporter:

@@ -171,7 +171,8 @@ def run_editor(
 
 def _run_process(name: str, results: _Queue, body: Any) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it
-    # and terminates this process, so a traceback here would only be noise.
+    # and terminates this process. The runner starts spawned processes with
+    # SIGINT ignored already; this also covers processes started otherwise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         results.put(("result", name, body()))
