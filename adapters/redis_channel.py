@@ -130,10 +130,14 @@ class RedisChannel:
                 log.exception("channel state receiver failed")
 
     def after_fork(self) -> None:
-        """Drop the parent's connections and listen again from this child."""
+        """Forget the parent's connections and listener thread in a forked child.
+
+        The parent's listener thread does not exist in the child; the cache
+        calls :meth:`subscribe` again, which starts the child's own.
+        """
         self._publisher = self._connect()
-        if self._receiver is not None:
-            self._start_thread()
+        self._stop = threading.Event()
+        self._thread = None
 
     def close(self) -> None:
         self._stop.set()

@@ -33,7 +33,8 @@ class Channel(Protocol):
     the subscription is (re)established and with ``False`` when it is lost,
     so the cache can flush its local tier for the time it was deaf.
     ``after_fork`` runs in a child process: it must drop the connections
-    inherited from the parent without closing them, and subscribe again.
+    inherited from the parent without closing them; the cache then calls
+    ``subscribe`` again.
     A channel may also set ``max_payload`` (bytes per message) and offer
     ``notify_in_transaction(connection, payload)``.
     """

@@ -26,7 +26,7 @@ Kind = Literal["inv", "hb", "flush", "lost"]
 _KINDS: Final = ("inv", "hb", "flush", "lost")
 
 # Bytes of a message besides its keys, with room for long sender ids and
-# large numbers; each key adds its length plus 3 (quotes and a comma).
+# large numbers; each key adds its JSON-encoded length plus a comma.
 _ENVELOPE_BYTES = 160
 
 
@@ -92,7 +92,8 @@ def batch_keys(keys: Sequence[str], max_bytes: int | None) -> Iterator[list[str]
     batch: list[str] = []
     size = _ENVELOPE_BYTES
     for key in keys:
-        cost = len(key.encode("utf-8")) + 3
+        # JSON escapes '"' and '\\' (allowed in plain keys) to two bytes each.
+        cost = len(orjson.dumps(key)) + 1
         if batch and size + cost >= max_bytes:
             yield batch
             batch, size = [], _ENVELOPE_BYTES
