@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from procs import (
     SPAWN,
@@ -32,6 +31,8 @@ from procs import (
 from tiercache.adapters.sqlite import SQLiteOrigin
 
 from tiercache import codec
+from tiercache.keys import KeyCodec
+from tiercache.remote import ITEM_OVERHEAD
 from tiercache.testing import MemcachedServer, RedisServer
 
 # Seconds within which another process must drop its L1 copy after a write.
@@ -239,23 +240,28 @@ def test_value_over_item_size_never_serves_old(
     assert reader_stats["remote"]["errors"] == 0
 
 
-def test_value_one_byte_under_item_size_cached(
+def edge_value(spec: CacheSpec, key: str, max_item_size: int, extra: int) -> str:
+    """Return a str whose memcached item is ``extra`` bytes over the cache's limit.
+
+    memcached's limit (``-I``, 1 MiB by default) counts the key and an item
+    header as well as the value, so the cache keeps the payload plus the
+    key plus ``ITEM_OVERHEAD`` bytes within ``max_item_size``.
+    """
+    wire = KeyCodec(spec.namespace).encode(key)
+    quotes = 2
+    size = max_item_size - len(wire) - ITEM_OVERHEAD - codec.HEADER_SIZE - quotes
+    return "x" * (size + extra)
+
+
+def test_value_at_item_size_limit_cached(
     spec: CacheSpec, start_children: StartChildren
 ) -> None:
-    """A value whose encoded item is max_item_size - 1 bytes is stored in L2.
-
-    memcached's own limit (1 MiB by default) also counts the key and an item
-    header, so the cache must not send items that memcached will reject.
-    """
     max_item_size = 1024 * 1024
     # No compression, so the item is exactly the header plus the JSON body.
     child_spec = spec.replace(
         options={"max_item_size": max_item_size, "compress_threshold": 2**30}
     )
-    quotes = 2
-    value = "x" * (max_item_size - 1 - codec.HEADER_SIZE - quotes)
-    payload = codec.pack_value(orjson.dumps(value), compress_threshold=2**30)
-    assert len(payload) == max_item_size - 1
+    value = edge_value(spec, "tmpl:edge", max_item_size, 0)
     writer, reader = start_children(2, child_spec=child_spec)
 
     writer.call("set", "tmpl:edge", value)
@@ -265,6 +271,25 @@ def test_value_one_byte_under_item_size_cached(
 
     assert stat(writer, "remote", "refused_stores") == 0
     assert stat(reader, "remote", "hits") == remote_hits + 1
+
+
+def test_value_over_item_size_limit_kept_out(
+    spec: CacheSpec, start_children: StartChildren
+) -> None:
+    max_item_size = 1024 * 1024
+    child_spec = spec.replace(
+        options={"max_item_size": max_item_size, "compress_threshold": 2**30}
+    )
+    value = edge_value(spec, "tmpl:edge", max_item_size, 1)
+    writer, reader = start_children(2, child_spec=child_spec)
+
+    writer.call("set", "tmpl:edge", value)
+    assert writer.call("get", "tmpl:edge") == value
+    assert reader.call("get", "tmpl:edge") == value
+
+    assert stat(writer, "remote", "refused_stores") == 0
+    assert stat(writer, "errors", "too_large") == 1
+    assert stat(reader, "errors", "too_large") == 1
 
 
 # -- fork ---------------------------------------------------------------------------

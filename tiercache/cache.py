@@ -24,7 +24,7 @@ from .decorator import CachedFunction
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
 from .local import LocalTier
-from .remote import DOWN, RemoteTier
+from .remote import DOWN, ITEM_OVERHEAD, RemoteTier
 from .sentinel import MISSING
 from .settings import Settings
 from .stats import snapshot
@@ -56,7 +56,6 @@ NEGATIVE: Final = _Negative()
 _LEASE_POLL_FIRST = 0.002
 _LEASE_POLL_MAX = 0.05
 _REFRESH_WORKERS = 4
-_ITEM_OVERHEAD = 96
 
 
 class _Flight:
@@ -128,6 +127,7 @@ class TieredCache:
                 self.local,
                 on_invalidated=self._on_remote_invalidation,
                 on_lost_deletes=self._on_lost_deletes,
+                on_resync=self._on_resync,
                 clock=clock,
             )
             self.bus.start()
@@ -487,9 +487,7 @@ class TieredCache:
         self.remote.cas(wire, payload, cas, ttl)
 
     def _too_large(self, wire: str, payload: bytes) -> bool:
-        # memcached's item size limit covers the key and the item header too
-        # (59 bytes beyond key and value, measured on memcached 1.6.18).
-        if len(payload) + len(wire) + _ITEM_OVERHEAD <= self.settings.max_item_size:
+        if len(payload) + len(wire) + ITEM_OVERHEAD <= self.settings.max_item_size:
             return False
         self.too_large += 1
         if self.too_large == 1 or self.too_large % 1000 == 0:
@@ -792,6 +790,10 @@ class TieredCache:
     def _on_lost_deletes(self, wires: tuple[str, ...]) -> None:
         if self.remote is not None:
             self.remote.queue_lost_deletes(wires)
+
+    def _on_resync(self) -> None:
+        if self.remote is not None:
+            self.remote.recheck_tombstones()
 
     def _require_origin(self, operation: str) -> Origin:
         if self.origin is None:

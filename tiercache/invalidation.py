@@ -72,6 +72,7 @@ class InvalidationBus:
         *,
         on_invalidated: Callable[[tuple[str, ...], str], None] | None = None,
         on_lost_deletes: Callable[[tuple[str, ...]], None] | None = None,
+        on_resync: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.channel = channel
@@ -79,6 +80,7 @@ class InvalidationBus:
         self.local = local
         self._on_invalidated = on_invalidated
         self._on_lost_deletes = on_lost_deletes
+        self._on_resync = on_resync
         self._clock = clock
         self._lock = threading.Lock()
         self._new_identity()
@@ -264,6 +266,7 @@ class InvalidationBus:
         self.local.clear()
         self.flushes += 1
         if connected:
+            self._resync()
             self._last_own = self._clock()
             self._deaf = False
             self._subscribed = True
@@ -278,8 +281,15 @@ class InvalidationBus:
                 " and bypassed" if self.settings.on_channel_loss == "bypass" else "",
             )
 
+    def _resync(self) -> None:
+        # Messages may have been missed, "lost" ones among them: the cache
+        # replays the recorded deletes before it trusts memcached again.
+        if self._on_resync is not None:
+            self._on_resync()
+
     def _distrust(self, reason: str) -> None:
         self.local.clear()
+        self._resync()
         self.flushes += 1
         log.warning("local tier flushed: %s", reason)
 

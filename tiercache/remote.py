@@ -26,14 +26,15 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterable
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, TypeVar
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
     MemcacheClientError,
     MemcacheError,
     MemcacheServerError,
+    MemcacheUnexpectedCloseError,
 )
 
 from .codec import WIRE_FLAGS
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 _POINTS_PER_SERVER = 160
 _PENDING_DELETES_MAX = 100_000
+
+# Bytes memcached counts against its item size limit beyond the key and the
+# value: 59 measured on memcached 1.6.18, rounded up for other versions.
+ITEM_OVERHEAD = 96
 # Stands in for a queue too long to replay: the server is flushed instead.
 _FLUSH_MARK = "\0flush"
 
@@ -78,6 +83,13 @@ class _Serde:
 _SERDE = _Serde()
 
 _FAULTS = (OSError, socket.timeout, MemcacheError)
+# Errors of a socket the server closed, for example because it restarted.
+# A command that gets one on a socket opened before it never reached the
+# new server process, so it can be retried once on a fresh socket.
+_CLOSED = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+# Joins the keys of a tombstone record; memcached keys never contain it.
+_TOMBSTONE_SEPARATOR = b" "
+_T = TypeVar("_T")
 
 
 def memcached_expire(ttl: float | None, *, now: float | None = None) -> int:
@@ -108,6 +120,11 @@ class Node:
         self.pending_deletes: set[str] = set()
         self.lock = threading.Lock()
         self._settings = settings
+        digest = hashlib.blake2b(address.encode(), digest_size=12).hexdigest()
+        self.tombstone_key = f"{settings.namespace}|!lost:{digest}"
+        # Whether this process has replayed the deletes other processes
+        # recorded for this server; see RemoteTier._check_tombstones.
+        self.tombstones_checked = False
 
     def make_client(self) -> Client:
         return Client(
@@ -179,6 +196,23 @@ class RemoteTier:
             client = clients[node.address] = node.make_client()
         return client
 
+    def _run(self, node: Node, command: Callable[[Client], _T]) -> _T:
+        """Run ``command`` on this thread's client for ``node``.
+
+        A socket the server closed while idle (a restart) fails the first
+        command sent on it; that command is retried once on a fresh socket
+        rather than marking a healthy server down.
+        """
+        client = self._client(node)
+        reused = client.sock is not None
+        try:
+            return command(client)
+        except _CLOSED:
+            if not reused:
+                raise
+            self._close(node)
+            return command(self._client(node))
+
     # -- health -------------------------------------------------------------
 
     def _usable(self, node: Node) -> bool:
@@ -190,6 +224,9 @@ class RemoteTier:
         if node.failures and not self._recover(node):
             self.skipped_down += 1
             return False
+        if not node.tombstones_checked and not self._check_tombstones(node):
+            self.skipped_down += 1
+            return False
         return True
 
     def _recover(self, node: Node) -> bool:
@@ -198,13 +235,12 @@ class RemoteTier:
                 return True
             pending = list(node.pending_deletes)
             try:
-                client = self._client(node)
                 if _FLUSH_MARK in pending:
-                    client.flush_all(noreply=False)
+                    self._run(node, lambda c: c.flush_all(noreply=False))
                 elif pending:
-                    client.delete_many(pending, noreply=False)
+                    self._run(node, lambda c: c.delete_many(pending, noreply=False))
                 else:
-                    client.version()
+                    self._run(node, lambda c: c.version())
             except _FAULTS as exc:
                 self._close(node)
                 node.down_until = time.monotonic() + self.settings.node_retry_timeout
@@ -243,6 +279,78 @@ class RemoteTier:
             if client is not None:
                 client.close()
 
+    # -- tombstones -----------------------------------------------------------
+    #
+    # A delete that can't reach its server is queued in this process and
+    # broadcast on the channel, but a process that starts later, or that was
+    # not subscribed at the time, hears neither. So the keys are also
+    # appended to a tombstone record for that server, kept on the next
+    # server of the pool. Before a process first uses a server, and again
+    # whenever it may have missed messages, it replays the deletes recorded
+    # there. The record expires with remote_ttl, when the values it guards
+    # are gone anyway.
+
+    def _tombstone_home(self, node: Node) -> Node | None:
+        if len(self.nodes) < 2:
+            return None
+        index = self.nodes.index(node)
+        return self.nodes[(index + 1) % len(self.nodes)]
+
+    def _record_tombstone(self, node: Node, keys: list[str]) -> None:
+        home = self._tombstone_home(node)
+        if home is None or home.is_down(time.monotonic()):
+            # NOTE: with one server, or both down, nothing records the
+            # missed deletes for processes that don't hear the broadcast.
+            return
+        data = _TOMBSTONE_SEPARATOR.join(key.encode("ascii") for key in keys)
+        expire = memcached_expire(self._tombstone_ttl())
+        try:
+            appended = self._run(
+                home,
+                lambda c: c.append(
+                    node.tombstone_key, _TOMBSTONE_SEPARATOR + data, expire
+                ),
+            )
+            if not appended:
+                self._run(home, lambda c: c.add(node.tombstone_key, data, expire))
+        except _FAULTS as exc:
+            self._fail(home, exc)
+
+    def _tombstone_ttl(self) -> float | None:
+        ttl = self.settings.remote_ttl
+        return None if ttl is None else ttl + self.settings.stale_ttl
+
+    def _check_tombstones(self, node: Node) -> bool:
+        """Replay deletes recorded for ``node``; ``False`` if the server failed."""
+        home = self._tombstone_home(node)
+        record: Any = None
+        if home is not None and not home.is_down(time.monotonic()):
+            try:
+                record = self._run(home, lambda c: c.get(node.tombstone_key))
+            except _FAULTS as exc:
+                self._fail(home, exc)
+        if isinstance(record, bytes) and record:
+            keys = [
+                key.decode("ascii") for key in record.split(_TOMBSTONE_SEPARATOR) if key
+            ]
+            try:
+                self._run(node, lambda c: c.delete_many(keys, noreply=False))
+            except _FAULTS as exc:
+                self._fail(node, exc)
+                return False
+            log.debug("replayed %d recorded deletes on %s", len(keys), node.address)
+        node.tombstones_checked = True
+        return True
+
+    def recheck_tombstones(self) -> None:
+        """Replay recorded deletes again before each server's next use.
+
+        Called when this process may have missed invalidations (channel lost,
+        sequence gap), since it may then also have missed "lost" messages.
+        """
+        for node in self.nodes:
+            node.tombstones_checked = False
+
     def _queue_delete(self, node: Node, keys: Iterable[str]) -> None:
         with node.lock:
             node.pending_deletes.update(keys)
@@ -267,7 +375,7 @@ class RemoteTier:
         if not self._usable(node):
             return DOWN
         try:
-            raw = self._client(node).get(key)
+            raw = self._run(node, lambda c: c.get(key))
         except _FAULTS as exc:
             self._fail(node, exc)
             return DOWN
@@ -297,13 +405,14 @@ class RemoteTier:
             by_node.setdefault(self.node_for(key), []).append(key)
         found: dict[str, bytes] = {}
         down: set[str] = set()
-        sent: list[tuple[Node, Client, list[str]]] = []
+        sent: list[tuple[Node, Client, list[str], bool]] = []
         foreign: list[str] = []
         for node, node_keys in by_node.items():
             if not self._usable(node):
                 down.update(node_keys)
                 continue
             client = self._client(node)
+            reused = client.sock is not None
             request = ("get " + " ".join(node_keys) + "\r\n").encode("ascii")
             try:
                 if client.sock is None:
@@ -316,11 +425,18 @@ class RemoteTier:
                 self._fail(node, exc)
                 down.update(node_keys)
                 continue
-            sent.append((node, client, node_keys))
-        for node, client, node_keys in sent:
+            sent.append((node, client, node_keys, reused))
+        for node, client, node_keys, reused in sent:
             try:
                 assert client.sock is not None
                 raw = _read_values(client.sock)
+            except _CLOSED as exc:
+                retried = self._get_many_again(node, node_keys) if reused else None
+                if retried is None:
+                    self._fail(node, exc)
+                    down.update(node_keys)
+                    continue
+                raw = retried
             except (*_FAULTS, ValueError) as exc:
                 self._fail(node, exc)
                 down.update(node_keys)
@@ -337,13 +453,29 @@ class RemoteTier:
         self.misses += sum(len(k) for k in by_node.values()) - len(found) - len(down)
         return found, down
 
+    def _get_many_again(
+        self, node: Node, keys: list[str]
+    ) -> dict[str, tuple[int, bytes]] | None:
+        """Repeat a multi-get on a fresh socket after the old one was closed."""
+        self._close(node)
+        try:
+            values = self._client(node).get_many(keys)
+        except _FAULTS:
+            return None
+        return {
+            key: (value.flags, b"")
+            if isinstance(value, _BadFlags)
+            else (WIRE_FLAGS, value)
+            for key, value in values.items()
+        }
+
     def gets(self, key: str) -> tuple[bytes | None, bytes | None] | _Down:
         """Return ``(value, cas)``, ``(None, None)`` on a miss, or ``DOWN``."""
         node = self.node_for(key)
         if not self._usable(node):
             return DOWN
         try:
-            raw, cas = self._client(node).gets(key)
+            raw, cas = self._run(node, lambda c: c.gets(key))
         except _FAULTS as exc:
             self._fail(node, exc)
             return DOWN
@@ -363,7 +495,8 @@ class RemoteTier:
         if not self._usable(node):
             return DOWN
         try:
-            return bool(self._client(node).add(key, payload, memcached_expire(ttl)))
+            expire = memcached_expire(ttl)
+            return bool(self._run(node, lambda c: c.add(key, payload, expire)))
         except MemcacheServerError as exc:
             self._store_refused(node, key, exc)
             return False
@@ -377,7 +510,8 @@ class RemoteTier:
         if not self._usable(node):
             return False
         try:
-            stored = self._client(node).cas(key, payload, cas, memcached_expire(ttl))
+            expire = memcached_expire(ttl)
+            stored = self._run(node, lambda c: c.cas(key, payload, cas, expire))
         except MemcacheServerError as exc:
             self._store_refused(node, key, exc)
             return False
@@ -392,7 +526,8 @@ class RemoteTier:
         if not self._usable(node):
             return False
         try:
-            return bool(self._client(node).set(key, payload, memcached_expire(ttl)))
+            expire = memcached_expire(ttl)
+            return bool(self._run(node, lambda c: c.set(key, payload, expire)))
         except MemcacheServerError as exc:
             self._store_refused(node, key, exc)
             return False
@@ -420,17 +555,22 @@ class RemoteTier:
         for node, node_keys in by_node.items():
             if not self._usable(node):
                 self._queue_delete(node, node_keys)
+                self._record_tombstone(node, node_keys)
                 delivered = False
                 continue
             try:
-                self._client(node).delete_many(node_keys, noreply=False)
+                self._delete_on(node, node_keys)
             except MemcacheClientError:
                 raise
             except _FAULTS as exc:
                 self._fail(node, exc)
                 self._queue_delete(node, node_keys)
+                self._record_tombstone(node, node_keys)
                 delivered = False
         return delivered
+
+    def _delete_on(self, node: Node, keys: list[str]) -> None:
+        self._run(node, lambda c: c.delete_many(keys, noreply=False))
 
     def queue_lost_deletes(self, keys: Iterable[str]) -> None:
         """Queue deletes another process could not deliver, for replay before use.
@@ -451,7 +591,7 @@ class RemoteTier:
         """Drop everything on every server (tests and namespace resets)."""
         for node in self.nodes:
             try:
-                self._client(node).flush_all(noreply=False)
+                self._run(node, lambda c: c.flush_all(noreply=False))
             except _FAULTS as exc:
                 self._fail(node, exc)
 

@@ -14,10 +14,11 @@ running.
 
 Example::
 
+    from pymemcache import Client
     from tiercache.testing import MemcachedServer
 
     with MemcachedServer() as server:
-        client = pymemcache.Client((server.host, server.port))
+        client = Client((server.host, server.port))
 
 The pytest fixtures ``memcached_server``, ``memcached_servers`` (three servers),
 ``redis_server`` and ``postgres_server`` are session-scoped, and are defined only
@@ -159,6 +160,7 @@ class _ServerProcess:
     startup_timeout: float = 5.0
     # Seconds that stop() waits after the stop signal before it sends SIGKILL.
     stop_timeout: float = 5.0
+    # Signal that stop() and restart() send first.
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
 
     def __init__(self, *, host: str, port: int | None) -> None:
@@ -182,7 +184,7 @@ class _ServerProcess:
 
     @property
     def port(self) -> int:
-        """TCP port of the server, fixed by the first start()."""
+        """TCP port of the server, chosen by start() and kept by restart()."""
         if self._port is None:
             raise RuntimeError(f"{self.name} server has not been started")
         return self._port
@@ -223,13 +225,13 @@ class _ServerProcess:
                 f"{self.name} server is already running (pid {self.pid})"
             )
         try:
-            self._start_on_free_port()
+            self._prepare_and_launch()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_on_free_port(self) -> None:
+    def _prepare_and_launch(self) -> None:
         self._prepare()
         if self._requested_port is not None:
             self._launch(self._requested_port)
@@ -266,7 +268,7 @@ class _ServerProcess:
         _active_servers.discard(self)
 
     def kill(self) -> None:
-        """Kill the server and its child processes with SIGKILL, like a crash.
+        """Kill the server and its descendant processes with SIGKILL, like a crash.
 
         Its files stay in place, so restart() starts it again from them.
         """
@@ -296,8 +298,9 @@ class _ServerProcess:
     def restart(self) -> Self:
         """Stop the server if it runs, then start it again on the same port.
 
-        Works after kill() and stop() too. Raises RuntimeError when the server was
-        never started or another process has taken the port.
+        Works after kill() and stop() too, but stop() has removed the files, so
+        the server starts empty. Raises RuntimeError when the server was never
+        started or another process has taken the port.
         """
         port = self.port
         self._terminate()
@@ -455,13 +458,19 @@ class _ServerProcess:
 
 
 def _kill_process_tree(process: subprocess.Popen[bytes]) -> None:
-    """Kill the process and its descendants with SIGKILL, and reap the process."""
+    """Kill the process and its descendants with SIGKILL and wait until they exit.
+
+    Reaps the process. Descendants that have exited stay zombies until init
+    reaps them.
+    """
     # Signal only while the process is not yet reaped, so that its id cannot
     # have been reused by an unrelated process.
-    if process.poll() is None:
-        tree = _stop_process_tree(process.pid)
-        _signal_processes(tree, signal.SIGKILL)
+    if process.poll() is not None:
+        return
+    tree = _stop_process_tree(process.pid)
+    _signal_processes(tree, signal.SIGKILL)
     process.wait()
+    _wait_for_threads(tree[1:], _EXITED_STATES, "exit after SIGKILL")
 
 
 def _stop_process_tree(pid: int) -> list[int]:
@@ -470,10 +479,10 @@ def _stop_process_tree(pid: int) -> list[int]:
     The parent stops first, so it cannot start a child that the list misses.
     """
     os.kill(pid, signal.SIGSTOP)
-    _wait_until_stopped([pid])
+    _wait_for_threads([pid], _STOPPED_STATES, "stop after SIGSTOP")
     tree = _process_tree(pid)
     _signal_processes(tree[1:], signal.SIGSTOP)
-    _wait_until_stopped(tree)
+    _wait_for_threads(tree, _STOPPED_STATES, "stop after SIGSTOP")
     return tree
 
 
@@ -505,19 +514,33 @@ def _signal_processes(pids: list[int], signal_number: signal.Signals) -> None:
             os.kill(pid, signal_number)
 
 
-def _wait_until_stopped(pids: list[int], timeout: float = 2.0) -> None:
-    """Wait until every thread of the processes ``pids`` is stopped or has exited.
+# Thread states in /proc: T is stopped by a signal, Z and X have exited.
+_STOPPED_STATES = frozenset("TZX")
+_EXITED_STATES = frozenset("ZX")
 
-    kill() only queues SIGSTOP, so a thread that runs on another CPU can still
-    handle a request right after it. Returns at once where /proc is missing.
+
+def _wait_for_threads(
+    pids: list[int], states: frozenset[str], action: str, timeout: float = 5.0
+) -> None:
+    """Wait until every thread of the processes ``pids`` is in one of ``states``.
+
+    kill() only queues a signal, so a thread that runs on another CPU can still
+    handle a request right after the call. A process that no longer exists
+    counts as done, so this returns at once where /proc is missing.
     """
     deadline = time.monotonic() + timeout
-    while not all(_is_process_stopped(pid) for pid in pids):
+    while not all(_threads_in_states(pid, states) for pid in pids):
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"processes {pids} did not stop within {timeout} s of SIGSTOP"
-            )
+            raise TimeoutError(f"processes {pids} did not {action} within {timeout} s")
         time.sleep(0.001)
+
+
+def _threads_in_states(pid: int, states: frozenset[str]) -> bool:
+    for thread_stat in Path(f"/proc/{pid}/task").glob("[0-9]*/stat"):
+        fields = _read_proc_stat(thread_stat)
+        if fields is not None and fields[0] not in states:
+            return False
+    return True
 
 
 def _read_proc_stat(path: Path) -> list[str] | None:
@@ -533,16 +556,6 @@ def _read_proc_stat(path: Path) -> list[str] | None:
     # The command name may contain spaces and parentheses, so split after the
     # last closing parenthesis.
     return text[text.rindex(")") + 2 :].split()
-
-
-def _is_process_stopped(pid: int) -> bool:
-    # Thread states: T is stopped by a signal, Z and X have exited.
-    done_states = {"T", "Z", "X"}
-    for thread_stat in Path(f"/proc/{pid}/task").glob("[0-9]*/stat"):
-        fields = _read_proc_stat(thread_stat)
-        if fields is not None and fields[0] not in done_states:
-            return False
-    return True
 
 
 def _read_log(path: Path, offset: int) -> str:
@@ -717,8 +730,11 @@ class PostgresServer(_ServerProcess):
     """A PostgreSQL server on a loopback port, with a new cluster in a temp dir.
 
     The cluster has trust authentication and the superuser ``postgres``. Durability
-    is off (``fsync``, ``synchronous_commit``, ``full_page_writes``), so data
-    survives restart() and kill() of the server but not a crash of the machine.
+    is off (``fsync``, ``synchronous_commit``, ``full_page_writes``) for speed.
+    Data survives restart(). After kill(), crash recovery at the next start keeps
+    the data, except transactions committed within the last fraction of a second,
+    because ``synchronous_commit`` is off. Nothing survives a crash of the machine.
+
     PostgreSQL does not run as root, so when this process runs as root, the
     server runs as the ``postgres`` OS user. That user then needs search access
     to the directories above the temporary directory (``TMPDIR``, else ``/tmp``).

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import platform
 import secrets
 import signal
 import sqlite3
@@ -118,7 +120,8 @@ def _progress_logging(*, quiet: bool) -> Iterator[None]:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Handle SIGTERM like Ctrl-C, so the demo stops what it started.
 
-    Only the main thread can set signal handlers; elsewhere this does nothing.
+    Only the main thread can set signal handlers, so in other threads this
+    does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -140,6 +143,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         cache_overrides: dict[str, Any] = {
             "memcached_servers": servers.memcached,
             "channel_url": servers.channel,
+            # A new namespace per demo run, so that a configured memcached
+            # serves no value from an earlier run and needs no flush.
             "namespace": f"demo-{secrets.token_hex(4)}",
             "local_ttl": LOCAL_TTL,
             "remote_ttl": REMOTE_TTL,
@@ -147,56 +152,77 @@ def _run_demo(args: argparse.Namespace) -> int:
             "local_max_bytes": LOCAL_MAX_BYTES,
         }
         settings = Settings.from_env(**cache_overrides)
+
         if args.data_dir is not None:
             data_dir = args.data_dir
             data_dir.mkdir(parents=True, exist_ok=True)
         else:
-            temporary = stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="tiercache-demo-")
-            )
-            data_dir = Path(temporary)
+            temporary = tempfile.TemporaryDirectory(prefix="tiercache-demo-")
+            data_dir = Path(stack.enter_context(temporary))
         origin = _prepare_origin(args, data_dir)
 
-        figures: dict[str, RunFigures] = {}
-        for mode in (CACHED, ORIGIN_ONLY):
-            run_path = data_dir / f"run-{mode.replace(' ', '-')}.sqlite3"
-            copy_database(origin.path, run_path)
-            spec = RunSpec(
-                mode=mode,
-                database=run_path,
-                subscriber_count=args.subscribers,
-                zipf_exponent=args.zipf,
-                seed=args.seed,
-                duration=args.duration,
-                write_rate=args.write_rate,
-                year=datetime.now().year,
-                cache_overrides=cache_overrides if mode == CACHED else {},
-            )
-            run = run_send(spec, workers=args.workers, show_progress=not args.quiet)
-            figures[mode] = summarize_run(run, staleness_bound=args.staleness_bound)
+        figures = {
+            mode: _run_once(args, mode, origin, data_dir, cache_overrides)
+            for mode in (CACHED, ORIGIN_ONLY)
+        }
+        description = _describe(args, origin, servers, settings)
+        cached, origin_only = figures[CACHED], figures[ORIGIN_ONLY]
+        print(format_report(description, cached, origin_only), end="")
+        return _verdict(cached, origin_only, args.staleness_bound)
 
-        description = DemoDescription(
-            subscribers=args.subscribers,
-            templates=origin.template_count,
-            templates_source=origin.templates_source,
-            campaigns=origin.campaign_count,
-            workers=args.workers,
-            duration=args.duration,
-            zipf_exponent=args.zipf,
-            write_rate=args.write_rate,
-            staleness_bound=args.staleness_bound,
-            seed=args.seed,
-            origin=f"SQLite (WAL) {origin.path}, each run on its own copy",
-            memcached=f"{','.join(servers.memcached)} ({servers.memcached_note})",
-            channel=f"{servers.channel} ({servers.channel_note})",
-            cache_settings=(
-                f"namespace {settings.namespace}, local_ttl {settings.local_ttl:g} s,"
-                f" remote_ttl {settings.remote_ttl:g} s, L1 at most "
-                f"{settings.local_max_entries:,} entries per process"
-            ),
-        )
-        print(format_report(description, figures[CACHED], figures[ORIGIN_ONLY]), end="")
-        return _verdict(figures[CACHED], figures[ORIGIN_ONLY], args.staleness_bound)
+
+def _run_once(
+    args: argparse.Namespace,
+    mode: str,
+    origin: _Origin,
+    data_dir: Path,
+    cache_overrides: dict[str, Any],
+) -> RunFigures:
+    """Run one send on a fresh copy of the seeded database."""
+    run_path = data_dir / f"run-{mode.replace(' ', '-')}.sqlite3"
+    copy_database(origin.path, run_path)
+    spec = RunSpec(
+        mode=mode,
+        database=run_path,
+        subscriber_count=args.subscribers,
+        zipf_exponent=args.zipf,
+        seed=args.seed,
+        duration=args.duration,
+        write_rate=args.write_rate,
+        year=datetime.now().year,
+        cache_overrides=cache_overrides if mode == CACHED else {},
+    )
+    run = run_send(spec, workers=args.workers, show_progress=not args.quiet)
+    return summarize_run(run, staleness_bound=args.staleness_bound)
+
+
+def _describe(
+    args: argparse.Namespace, origin: _Origin, servers: _Servers, settings: Settings
+) -> DemoDescription:
+    return DemoDescription(
+        subscribers=args.subscribers,
+        templates=origin.template_count,
+        templates_source=origin.templates_source,
+        campaigns=origin.campaign_count,
+        workers=args.workers,
+        duration=args.duration,
+        zipf_exponent=args.zipf,
+        write_rate=args.write_rate,
+        staleness_bound=args.staleness_bound,
+        seed=args.seed,
+        origin=f"SQLite (WAL) {origin.path}, each run on its own copy",
+        memcached=f"{','.join(servers.memcached)} ({servers.memcached_note})",
+        channel=f"{servers.channel} ({servers.channel_note})",
+        cache_settings=(
+            f"namespace {settings.namespace}, local_ttl {settings.local_ttl:g} s,"
+            f" remote_ttl {settings.remote_ttl:g} s, L1 at most "
+            f"{settings.local_max_entries:,} entries per process"
+        ),
+        cpu_count=os.cpu_count() or 1,
+        versions=(
+            f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+        ),
+    )
 
 
 def _start_servers(args: argparse.Namespace, stack: contextlib.ExitStack) -> _Servers:
@@ -247,9 +273,11 @@ def _prepare_origin(args: argparse.Namespace, data_dir: Path) -> _Origin:
         path.parent.mkdir(parents=True, exist_ok=True)
         seed_database(path, dataset, identity)
         logger.info(
-            "seeded %s with %d subscribers, %d templates and %d segments in %.1f s",
+            "seeded %s with %d subscribers, %d events, %d templates and %d segments "
+            "in %.1f s",
             path,
             len(dataset.subscribers),
+            len(dataset.events),
             len(dataset.templates),
             len(dataset.segments),
             time.perf_counter() - began,
@@ -263,7 +291,7 @@ def _prepare_origin(args: argparse.Namespace, data_dir: Path) -> _Origin:
 
 
 def _verdict(cached: RunFigures, origin_only: RunFigures, bound: float) -> int:
-    """Print the result line; return the exit status."""
+    """Print the result lines and return the exit status."""
     problems: list[str] = []
     for figures in (cached, origin_only):
         stale = figures.staleness.stale_sends_past_bound

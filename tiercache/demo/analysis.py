@@ -3,9 +3,11 @@
 Staleness is measured from the editor's write log and the workers' profile
 reads. A read of subscriber ``s`` at time ``t`` that returned version ``v``
 is stale with respect to a write of ``s`` to a version above ``v`` that
-started before ``t``; its delay is ``t`` minus the write's start. The write
-start is no later than the origin commit and ``t`` is taken after the email
-was rendered, so every delay here is an upper bound of the real one.
+started before ``t``, and its delay is ``t`` minus the write's start. The
+write starts no later than the origin commits, and ``t`` is taken after the
+email was rendered, so every delay here is an upper bound of the real one.
+All times come from ``time.time()``, the wall clock that the processes on
+one machine share.
 """
 
 from __future__ import annotations
@@ -61,12 +63,14 @@ class RunFigures:
 
     mode: str
     elapsed: float
+    load_average: float
     sends: int
     skipped_unsubscribed: int
     missing_rows: int
     reads: int
     local_hits: int | None
     remote_hits: int | None
+    remote_errors: int | None
     origin_loads: int
     """Keys loaded from the origin by the workers."""
     read_p50_us: float
@@ -103,12 +107,16 @@ def summarize_run(run: RunResult, *, staleness_bound: float) -> RunFigures:
     return RunFigures(
         mode=run.spec.mode,
         elapsed=run.elapsed,
+        load_average=run.load_average,
         sends=sum(worker.sends for worker in workers),
         skipped_unsubscribed=sum(worker.skipped_unsubscribed for worker in workers),
         missing_rows=sum(worker.missing_rows for worker in workers),
         reads=len(latencies),
         local_hits=_sum_stat(worker_stats, "local", "hits") if is_cached else None,
         remote_hits=_sum_stat(worker_stats, "remote", "hits") if is_cached else None,
+        remote_errors=(
+            _sum_stat(worker_stats, "remote", "errors") if is_cached else None
+        ),
         origin_loads=sum(worker.origin_counters.loads for worker in workers),
         read_p50_us=percentile(latencies, 50),
         read_p99_us=percentile(latencies, 99),

@@ -22,7 +22,7 @@ REWARDS_BADGE_HTML = (
 
 @dataclass(frozen=True, slots=True)
 class Campaign:
-    """One email campaign: what it says, which template and which segment."""
+    """One email campaign: subject, preview text, template and segment."""
 
     id: int
     name: str

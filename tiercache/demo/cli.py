@@ -14,6 +14,9 @@ from tiercache.settings import parse_server
 MEMCACHED_ENV = "TIERCACHE_MEMCACHED_SERVERS"
 CHANNEL_ENV = "TIERCACHE_CHANNEL_URL"
 CHANNEL_SCHEMES = ("redis", "rediss", "postgresql", "postgres")
+# The data set is generated in memory before seeding, at roughly 1 KB per
+# subscriber with its events (an estimate), so a million takes about 1 GB.
+MAX_SUBSCRIBERS = 1_000_000
 
 EXIT_OK = 0
 EXIT_STALE_SENDS = 1
@@ -21,53 +24,59 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_INTERRUPTED = 130
 
+_DESCRIPTION = """\
+Send an email campaign through tiercache against real memcached and Redis
+while an editor unsubscribes popular subscribers, then the same send against
+the origin alone. Report throughput, tier hit ratios, read latency and the
+observed staleness after each unsubscribe."""
+
 _EPILOG = f"""\
-Without --memcached and {MEMCACHED_ENV}, the demo starts its own memcached on
-a free loopback port, and without --channel and {CHANNEL_ENV} its own Redis;
-it stops them when it ends. The binaries come from the Debian packages
-memcached and redis-server.
+Without --memcached or {MEMCACHED_ENV}, the demo starts its own
+memcached on a free loopback port, and without --channel or
+{CHANNEL_ENV} its own Redis. It stops them when it ends. The binaries
+come from the Debian packages memcached and redis-server.
 
 exit status: {EXIT_OK} when no email went out past the staleness bound,
-{EXIT_STALE_SENDS} when some did, {EXIT_USAGE} for invalid options,
-{EXIT_FAILED} when the demo could not run, {EXIT_INTERRUPTED} on Ctrl-C.
-"""
+{EXIT_STALE_SENDS} when some did, {EXIT_USAGE} for invalid options, \
+{EXIT_FAILED} when the demo could not run,
+{EXIT_INTERRUPTED} on Ctrl-C or SIGTERM."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the demo's options."""
     parser = argparse.ArgumentParser(
         prog="python -m tiercache.demo",
-        description=(
-            "Send an email campaign through tiercache against real memcached and "
-            "Redis, then the same send against the origin alone, and report "
-            "throughput, tier hit ratios, read latency and observed staleness."
-        ),
+        description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add = parser.add_argument
-    add(
-        "--subscribers",
-        type=_integer(1, 10_000_000),
-        default=20_000,
-        metavar="N",
-        help="number of subscribers in the generated data set (default: 20000)",
+    _add_workload_options(parser.add_argument_group("workload"))
+    _add_data_options(parser.add_argument_group("data set and origin"))
+    _add_server_options(parser.add_argument_group("servers"))
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the report and errors, no progress",
     )
-    add(
+    return parser
+
+
+def _add_workload_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--workers",
         type=_integer(1, 256),
         default=4,
         metavar="N",
         help="number of sender processes (default: 4)",
     )
-    add(
+    group.add_argument(
         "--duration",
         type=_number(0.1, 3600.0),
         default=10.0,
         metavar="SECONDS",
         help="seconds of sending in each of the two runs (default: 10)",
     )
-    add(
+    group.add_argument(
         "--zipf",
         type=_number(0.0, 10.0),
         default=1.0,
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Zipf exponent of subscriber popularity; the default 1.0 imitates "
         f"{DEFAULT_ZIPF_CLUSTER.replace('%', '%%')}; 0 is uniform (default: 1.0)",
     )
-    add(
+    group.add_argument(
         "--write-rate",
         type=_number(0.0, 10_000.0),
         default=30.0,
@@ -83,41 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="editor write-throughs per second, half of them status changes "
         "(default: 30)",
     )
-    add(
-        "--seed",
-        type=_integer(-(2**63), 2**63 - 1),
-        default=1,
-        metavar="N",
-        help="seed of the data set and of the workload (default: 1)",
-    )
-    add(
-        "--templates",
-        type=_template_dir,
-        metavar="DIR",
-        help="load the HTML templates from DIR/*.html instead of generating them",
-    )
-    add(
-        "--data-dir",
-        type=_data_dir,
-        metavar="DIR",
-        help="keep the SQLite files in DIR and reuse the seeded data set on the "
-        "next run with the same seed, size and templates (default: a temporary "
-        "directory, removed at exit)",
-    )
-    add(
-        "--memcached",
-        type=_memcached_servers,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help=f"memcached servers of L2 (default: {MEMCACHED_ENV}, else start one)",
-    )
-    add(
-        "--channel",
-        type=_channel_url,
-        metavar="URL",
-        help=f"invalidation channel, such as redis://127.0.0.1:6379/0 (default: "
-        f"{CHANNEL_ENV}, else start a Redis)",
-    )
-    add(
+    group.add_argument(
         "--staleness-bound",
         type=_number(0.001, 3600.0),
         default=1.0,
@@ -125,19 +100,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="an email rendered from a profile older than an unsubscribe "
         "committed more than this long ago is a failure (default: 1.0)",
     )
-    add(
+    group.add_argument(
+        "--seed",
+        type=_integer(-(2**63), 2**63 - 1),
+        default=1,
+        metavar="N",
+        help="seed of the data set and of the workload (default: 1)",
+    )
+
+
+def _add_data_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--subscribers",
+        type=_integer(1, MAX_SUBSCRIBERS),
+        default=20_000,
+        metavar="N",
+        help="number of subscribers in the generated data set (default: 20000)",
+    )
+    group.add_argument(
+        "--templates",
+        type=_template_dir,
+        metavar="DIR",
+        help="load the HTML templates from DIR/*.html instead of generating them",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=_data_dir,
+        metavar="DIR",
+        help="keep the SQLite files in DIR and reuse the seeded data set on the "
+        "next run with the same seed, size and templates (default: a temporary "
+        "directory, removed at exit)",
+    )
+    group.add_argument(
         "--origin",
         type=_origin_url,
         metavar="URL",
         help="origin database as sqlite:///ABSOLUTE/PATH; the data set is seeded "
         "there and each run works on a copy (default: DATA_DIR/campaign.sqlite3)",
     )
-    add(
-        "--quiet",
-        action="store_true",
-        help="print only the report and errors, no progress",
+
+
+def _add_server_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--memcached",
+        type=_memcached_servers,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help=f"memcached servers of L2 (default: {MEMCACHED_ENV}, else start one)",
     )
-    return parser
+    group.add_argument(
+        "--channel",
+        type=_channel_url,
+        metavar="URL",
+        help=f"invalidation channel, such as redis://127.0.0.1:6379/0 (default: "
+        f"{CHANNEL_ENV}, else start a Redis)",
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

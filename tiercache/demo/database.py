@@ -89,7 +89,10 @@ CREATE TABLE demo_meta (
 
 @dataclass(frozen=True, slots=True)
 class DataSetIdentity:
-    """What decides the rows of a seeded database; equal identities, equal rows."""
+    """Inputs that decide the rows of a seeded database.
+
+    Two databases seeded with equal identities contain equal rows.
+    """
 
     seed: int
     subscriber_count: int
@@ -252,8 +255,15 @@ def _insert_rows(
         "INSERT INTO campaigns (id, name, subject, preview_text, template_id,"
         " segment_id) VALUES (?, ?, ?, ?, ?, ?)",
         [
-            (c.id, c.name, c.subject, c.preview_text, c.template_id, c.segment_id)
-            for c in dataset.campaigns
+            (
+                campaign.id,
+                campaign.name,
+                campaign.subject,
+                campaign.preview_text,
+                campaign.template_id,
+                campaign.segment_id,
+            )
+            for campaign in dataset.campaigns
         ],
     )
     connection.executemany(

@@ -52,15 +52,18 @@ def parse_key(key: str) -> tuple[str, int]:
 class CampaignOrigin:
     """Origin for the keys ``subscriber:<id>``, ``template:<id>`` and ``segment:<id>``.
 
-    Implements :class:`tiercache.contracts.Origin`. A subscriber profile is
-    assembled from four tables in one read transaction, as an email platform
-    does, which is what makes a profile read expensive enough for caching to
-    pay. Each process opens its own connection on first use, so an instance
-    may be created before a fork or pickled to a spawned process.
+    Implements :class:`tiercache.contracts.Origin`. As on an email platform,
+    a subscriber profile is assembled from five tables with five queries in
+    one read transaction. The queries read the subscriber row joined with its
+    preferences, the custom fields, the segment memberships, the engagement
+    totals over the whole event history, and the latest five events. They are
+    what make a profile read expensive enough for caching to pay. Each
+    process opens its own connection on first use, so an instance may be
+    created before a fork or pickled to a spawned process.
     """
 
     def __init__(self, path: Path) -> None:
-        """Use the SQLite database at ``path``; nothing is opened yet."""
+        """Use the SQLite database at ``path``, without opening it yet."""
         self.path = path
         self.counters = OriginCounters()
         self._connection: sqlite3.Connection | None = None
@@ -115,10 +118,11 @@ class CampaignOrigin:
         return values
 
     def store(self, key: str, value: Any) -> None:
-        """Write ``value`` for ``key`` and commit; bump the row's version.
+        """Write ``value`` for ``key``, bump the row's version and commit.
 
-        A subscriber value is a profile as :meth:`load` returns it; its
-        ``version`` and ``updated_at`` are ignored and set here. Every store
+        A subscriber value is a profile as :meth:`load` returns it. Its
+        ``version`` and ``updated_at`` are set here, and its ``engagement``
+        is ignored because it is computed from the events table. Every store
         changes the row, because the version always increases.
 
         :raises ValueError: if ``key`` or ``value`` is malformed.
@@ -146,7 +150,7 @@ class CampaignOrigin:
             self.counters.stores += 1
 
     def delete(self, key: str) -> None:
-        """Delete the rows of ``key`` and commit; a missing row is no error.
+        """Delete the rows of ``key`` and commit. A missing row is no error.
 
         :raises ValueError: if ``key`` is malformed.
         :raises sqlite3.IntegrityError: if a campaign still uses the template
@@ -200,7 +204,7 @@ class CampaignOrigin:
         return int(count)
 
     def close(self) -> None:
-        """Close this process's connection; the next call opens a new one."""
+        """Close this process's connection. The next call opens a new one."""
         with self._lock:
             if self._connection is not None and self._connection_pid == os.getpid():
                 self._connection.close()
@@ -386,6 +390,7 @@ class CampaignOrigin:
         _require_keys(
             preferences, _PREFERENCE_KEYS, f"subscriber:{subscriber_id} preferences"
         )
+
         now = now_timestamp()
         self._execute(
             connection,
@@ -406,6 +411,7 @@ class CampaignOrigin:
                 now,
             ),
         )
+
         self._execute(
             connection,
             "INSERT INTO preferences (subscriber_id, frequency, content_format,"
@@ -421,6 +427,7 @@ class CampaignOrigin:
                 preferences["timezone"],
             ),
         )
+
         self._execute(
             connection,
             "DELETE FROM custom_fields WHERE subscriber_id = ?",
@@ -433,6 +440,7 @@ class CampaignOrigin:
                 " VALUES (?, ?, ?)",
                 (subscriber_id, str(name), str(value)),
             )
+
         segment_ids = [int(segment_id) for segment_id in profile.get("segments") or []]
         self._execute(
             connection,
@@ -498,9 +506,9 @@ def _placeholders(values: list[Any]) -> str:
     return ", ".join("?" * len(values))
 
 
-def _require_keys(value: Mapping[str, Any], keys: Iterable[str], what: str) -> None:
+def _require_keys(value: Mapping[str, Any], keys: Iterable[str], name: str) -> None:
     missing = [key for key in keys if key not in value]
     if missing:
         raise ValueError(
-            f"{what} is missing {', '.join(missing)}; add them to the value"
+            f"{name} is missing {', '.join(missing)}; add them to the value"
         )

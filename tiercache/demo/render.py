@@ -124,8 +124,8 @@ def render(source: str, fields: Mapping[str, object], *, escape: bool = True) ->
 
 def _parse(source: str) -> list[_Node]:
     root: list[_Node] = []
-    # Each open block with its current branch body; the root body is the
-    # target while no block is open.
+    # Each open block is kept with the body of its current branch. New nodes
+    # go to the innermost body, or to the root while no block is open.
     open_blocks: list[tuple[_Block, list[_Node]]] = []
     target = root
     position = 0

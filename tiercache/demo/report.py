@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from tiercache.demo.analysis import RunFigures
 
 LABEL_WIDTH = 44
+# Above this 1-minute load average per CPU, the report warns that the
+# machine was busy. The demo's own processes count toward the load: its 4
+# busy workers alone add about 4, or 2 per CPU on 2 CPUs (an estimate).
+BUSY_LOAD_PER_CPU = 3.0
 VALUE_WIDTH = 14
 # The default Zipf exponent imitates this cluster, whose fitted exponent is
 # the closest to 1.0 in the Twitter 2020 cache traces (OSDI 2020, Yang et al.).
@@ -16,7 +20,7 @@ DEFAULT_ZIPF_CLUSTER = "Twitter 2020 cache traces, cluster25: alpha 0.99, 95% ge
 
 @dataclass(frozen=True, slots=True)
 class DemoDescription:
-    """What the demo ran against, for the report's header."""
+    """Setup of the demo, printed in the report's header."""
 
     subscribers: int
     templates: int
@@ -32,6 +36,8 @@ class DemoDescription:
     memcached: str
     channel: str
     cache_settings: str
+    cpu_count: int
+    versions: str
 
 
 def format_report(
@@ -45,7 +51,7 @@ def format_report(
     for label, render in _ROWS:
         lines.append(_row(label, render(cached), render(origin_only)))
     lines.append("")
-    lines.extend(_summary(cached, origin_only))
+    lines.extend(_summary(cached, origin_only, description.cpu_count))
     return "\n".join(lines) + "\n"
 
 
@@ -70,6 +76,7 @@ def _header(description: DemoDescription) -> list[str]:
         f"  L2         memcached {description.memcached}",
         f"  channel    {description.channel}",
         f"  cache      {description.cache_settings}",
+        f"  machine    {description.cpu_count} CPUs, {description.versions}",
     ]
     return lines
 
@@ -97,11 +104,13 @@ _ROWS: list[tuple[str, Callable[[RunFigures], str]]] = [
     ("skipped: unsubscribed", lambda f: _count(f.skipped_unsubscribed)),
     ("sending time (s)", lambda f: f"{f.elapsed:.2f}"),
     ("throughput (emails/s)", lambda f: f"{f.throughput:,.0f}"),
+    ("machine load average at the end (1 min)", lambda f: f"{f.load_average:.2f}"),
     ("reads (profile, template, segment)", lambda f: _count(f.reads)),
     ("  L1 hits", lambda f: _count(f.local_hits)),
     ("  L1 hit ratio", lambda f: _share(f.local_hits, f.reads)),
     ("  L2 hits", lambda f: _count(f.remote_hits)),
     ("  L2 hit ratio (of all reads)", lambda f: _share(f.remote_hits, f.reads)),
+    ("  L2 errors", lambda f: _count(f.remote_errors)),
     ("  origin loads", lambda f: _count(f.origin_loads)),
     ("  origin load ratio", lambda f: _share(f.origin_loads, f.reads)),
     ("origin loads per 1000 reads", lambda f: f"{f.origin_loads_per_1000_reads:.1f}"),
@@ -139,13 +148,21 @@ _ROWS: list[tuple[str, Callable[[RunFigures], str]]] = [
 ]
 
 
-def _summary(cached: RunFigures, origin_only: RunFigures) -> list[str]:
+def _summary(cached: RunFigures, origin_only: RunFigures, cpu_count: int) -> list[str]:
     if origin_only.throughput > 0:
         speed_up = f"{cached.throughput / origin_only.throughput:.2f}x"
     else:
         speed_up = "n/a (the origin-only run sent nothing)"
     saved = origin_only.origin_loads_per_1000_reads - cached.origin_loads_per_1000_reads
-    return [
+    lines = [
         f"speed-up (cached / origin only throughput): {speed_up}",
         f"origin reads saved by the cache: {saved:.1f} per 1000 reads",
     ]
+    busiest = max(cached.load_average, origin_only.load_average)
+    if busiest > BUSY_LOAD_PER_CPU * cpu_count:
+        lines.append(
+            f"note: the machine was busy (load average up to {busiest:.1f} on "
+            f"{cpu_count} CPUs), so throughput and latency include waiting for a "
+            "CPU; rerun on an idle machine to compare them"
+        )
+    return lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -38,7 +39,7 @@ EDITOR_NAME = "editor"
 
 
 class RunFailedError(RuntimeError):
-    """A process of the send failed, died or did not answer in time."""
+    """A process of the send failed, died or timed out."""
 
 
 @dataclass(slots=True)
@@ -48,6 +49,9 @@ class RunResult:
     spec: RunSpec
     workers: list[WorkerResult]
     editor: EditorResult
+    load_average: float
+    """The machine's 1-minute load average when the send ended. Other
+    programs running at the same time slow the send down."""
 
     @property
     def elapsed(self) -> float:
@@ -99,6 +103,7 @@ def run_send(spec: RunSpec, *, workers: int, show_progress: bool) -> RunResult:
         spec=spec,
         workers=[outcomes[name] for name in names if name != EDITOR_NAME],
         editor=outcomes[EDITOR_NAME],
+        load_average=os.getloadavg()[0],
     )
 
 
@@ -154,7 +159,10 @@ def _collect(
     deadline: float,
     reporter: _ProgressReporter | None = None,
 ) -> dict[str, Any]:
-    """Wait for a ``kind`` message from every process; return the payloads by name."""
+    """Wait for a ``kind`` message from every process.
+
+    :returns: the payloads by process name.
+    """
     payloads: dict[str, Any] = {}
     while len(payloads) < len(processes):
         if reporter is not None:
@@ -165,7 +173,11 @@ def _collect(
             _check_alive(processes, payloads, kind, deadline)
             continue
         if message_kind == "failed":
-            raise RunFailedError(f"{name} failed:\n{payload}")
+            # The traceback exists only in this message, so it is logged here
+            # in full, and the exception carries its last line.
+            logger.error("%s failed:\n%s", name, payload.rstrip())
+            summary = payload.strip().splitlines()[-1]
+            raise RunFailedError(f"{name} failed: {summary}")
         if message_kind == kind:
             payloads[name] = payload
     return payloads

@@ -6,11 +6,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tiercache.demo.render import Template, TemplateSyntaxError
+
 GENERATED_TEMPLATE_COUNT = 36
 MIN_TEMPLATE_BYTES = 10_000
 MAX_TEMPLATE_BYTES = 30_000
-# Larger files are rejected by load_template_dir; real email templates are
-# tens of kilobytes and mail clients clip bodies past about 100 KB.
+# load_template_dir rejects larger files. Real email templates are tens of
+# kilobytes, and Gmail clips message bodies larger than about 100 KB.
 MAX_LOADED_TEMPLATE_BYTES = 1_000_000
 
 _PALETTES = (
@@ -84,7 +86,7 @@ def load_template_dir(directory: Path) -> list[TemplateRow]:
     """Load every ``*.html`` file in ``directory`` as a template, sorted by name.
 
     :raises ValueError: if the directory has no ``*.html`` file, or a file is
-        not UTF-8 or is larger than 1 MB.
+        not UTF-8, is larger than 1 MB or has unbalanced IF blocks.
     """
     paths = sorted(directory.glob("*.html"))
     if not paths:
@@ -103,6 +105,10 @@ def load_template_dir(directory: Path) -> list[TemplateRow]:
             raise ValueError(
                 f"template {path} is not valid UTF-8 ({exc}); convert it to UTF-8"
             ) from exc
+        try:
+            Template(html)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"template {path} has invalid merge tags: {exc}") from exc
         rows.append(TemplateRow(template_id, path.stem, html))
     return rows
 

@@ -30,13 +30,13 @@ logger = logging.getLogger(__name__)
 
 CACHED = "cached"
 ORIGIN_ONLY = "origin only"
-# Seconds a cached process waits for its invalidation subscription before
-# it reports failure; reads bypass L1 until the subscription is up.
+# Seconds a cached process waits for its invalidation subscription before it
+# reports failure. Until the subscription is up, reads bypass L1.
 SUBSCRIBE_TIMEOUT = 10.0
 # Sends between two updates of the shared progress counter.
 PROGRESS_EVERY = 64
-# Shares of editor writes that flip the subscription status; the rest edit
-# profile fields.
+# Shares of editor writes that flip the subscription status. The other
+# writes edit profile fields.
 UNSUBSCRIBE_SHARE = 0.5
 RESUBSCRIBE_SHARE = 0.5
 
@@ -59,7 +59,7 @@ class _Counters(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RunSpec:
-    """What every process of one send needs; picklable for spawned processes."""
+    """Settings of one send for every process of it, picklable for spawning."""
 
     mode: str
     """:data:`CACHED` or :data:`ORIGIN_ONLY`."""
@@ -70,7 +70,7 @@ class RunSpec:
     duration: float
     """Seconds of sending, from the common start time."""
     write_rate: float
-    """Editor writes per second; 0 disables the editor's writes."""
+    """Editor writes per second. At 0 the editor writes nothing."""
     year: int
     """Value of ``*|CURRENT_YEAR|*``."""
     cache_overrides: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +79,7 @@ class RunSpec:
 
 @dataclass(slots=True)
 class WorkerResult:
-    """What one sender worker measured.
+    """Measurements of one sender worker.
 
     ``profile_*`` arrays have one entry per profile read, in order: the
     subscriber id, the profile version read, the wall-clock time after the
@@ -121,7 +121,7 @@ class WriteRecord:
 
 @dataclass(slots=True)
 class EditorResult:
-    """What the editor wrote."""
+    """Write log of the editor."""
 
     name: str
     writes: list[WriteRecord] = field(default_factory=list)
@@ -170,9 +170,9 @@ def run_editor(
 
 
 def _run_process(name: str, results: _Queue, body: Any) -> None:
-    # Ctrl-C reaches the whole process group; the main process handles it
-    # and terminates this process. The runner starts spawned processes with
-    # SIGINT ignored already; this also covers processes started otherwise.
+    # Ctrl-C reaches the whole process group, and the main process handles it
+    # by terminating this one. The runner already starts spawned processes
+    # with SIGINT ignored, and this line covers processes started otherwise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         results.put(("result", name, body()))
@@ -259,7 +259,10 @@ def _send_until(
     progress: _Counters,
     index: int,
 ) -> None:
-    """The send loop: pick, read three keys, render or skip, record."""
+    """Pick a subscriber and a campaign, read three keys, render or skip, record.
+
+    Repeat until ``deadline`` (wall-clock seconds).
+    """
     perf_counter = time.perf_counter
     wall_clock = time.time
     latencies = result.read_latencies_us
