@@ -135,6 +135,7 @@ class TieredCache:
         self._flights_lock = threading.Lock()
         self._refresher: concurrent.futures.ThreadPoolExecutor | None = None
         self.loads = 0
+        self.stores = 0
         self.stale_fills_dropped = 0
         self.lease_waits = 0
         self.lease_wait_timeouts = 0
@@ -384,12 +385,18 @@ class TieredCache:
 
     def _ttls(self, ttl: TtlArg, negative: bool) -> _Ttl:
         settings = self.settings
-        if negative:
-            remote: float | None = settings.negative_ttl
-        elif isinstance(ttl, _Default):
+        remote: float | None
+        if isinstance(ttl, _Default):
             remote = settings.remote_ttl
         else:
             remote = ttl
+        if negative and (remote is None or remote > 0):
+            # "No such row" keeps its own, usually shorter, TTL.
+            remote = (
+                settings.negative_ttl
+                if remote is None
+                else min(remote, settings.negative_ttl)
+            )
         if remote is None:
             return _Ttl(None, settings.local_ttl, True)
         if remote <= 0:
@@ -714,6 +721,7 @@ class TieredCache:
         wire = self.keys.encode(key)
         codec.check_value(key, value)
         origin.store(key, value)  # type: ignore[arg-type]
+        self.stores += 1
         self._after_commit([wire], [key])
 
     def delete(self, key: str | bytes) -> None:
@@ -721,6 +729,7 @@ class TieredCache:
         origin = self._require_origin("delete")
         wire = self.keys.encode(key)
         origin.delete(key)  # type: ignore[arg-type]
+        self.stores += 1
         self._after_commit([wire], [key])
 
     def invalidate(self, key: str | bytes) -> None:
@@ -805,6 +814,20 @@ class TieredCache:
         return self.origin
 
     # -- lifecycle and figures -----------------------------------------------------
+
+    def wait_ready(self, timeout: float = 5.0) -> bool:
+        """Wait until the channel subscription is up and L1 is in use.
+
+        Until then reads skip L1 (with ``on_channel_loss="bypass"``).
+
+        :returns: ``True`` when ready, ``False`` if ``timeout`` seconds passed.
+        """
+        deadline = time.monotonic() + timeout
+        while self.bus is not None and not self.bus.is_trusted:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Return a snapshot of counters for each tier and the channel."""

@@ -30,7 +30,7 @@ def snapshot(cache: TieredCache) -> dict[str, Any]:
             "entries": len(local),
             "bytes": local.current_bytes,
         },
-        "origin": {"loads": cache.loads},
+        "origin": {"loads": cache.loads, "stores": cache.stores},
         "leases": {
             "waits": cache.lease_waits,
             "wait_timeouts": cache.lease_wait_timeouts,

@@ -14,7 +14,8 @@ LABEL_WIDTH = 44
 BUSY_LOAD_PER_CPU = 3.0
 VALUE_WIDTH = 14
 # The default Zipf exponent imitates this cluster, whose fitted exponent is
-# the closest to 1.0 in the Twitter 2020 cache traces (OSDI 2020, Yang et al.).
+# the closest to 1.0 among the 54 clusters of Twitter's published per-cluster
+# statistics of its March 2020 production cache traces.
 DEFAULT_ZIPF_CLUSTER = "Twitter 2020 cache traces, cluster25: alpha 0.99, 95% gets"
 
 
@@ -43,7 +44,7 @@ class DemoDescription:
 def format_report(
     description: DemoDescription, cached: RunFigures, origin_only: RunFigures
 ) -> str:
-    """Return the report as lines of text, ending with a newline."""
+    """Return the report as one string of lines, each ending with a newline."""
     lines = _header(description)
     lines.append("")
     lines.append(_row("", cached.mode, origin_only.mode))
