@@ -61,12 +61,13 @@ _REFRESH_WORKERS = 4
 class _Flight:
     """One fill of one key in this process, shared by the threads that miss it."""
 
-    __slots__ = ("done", "item", "error")
+    __slots__ = ("done", "item", "error", "token")
 
-    def __init__(self) -> None:
+    def __init__(self, token: int) -> None:
         self.done = threading.Event()
         self.item: Any = None
         self.error: BaseException | None = None
+        self.token = token
 
 
 class _Found(NamedTuple):
@@ -169,7 +170,9 @@ class TieredCache:
             up to whole seconds in both tiers.
         :param default: returned instead of ``MISSING`` on a miss.
         :raises UnsupportedTypeError: if the loaded value can't be cached.
+        :raises TypeError: for a ``ttl`` that is not a number or ``None``.
         """
+        _check_ttl(ttl)
         wire = self.keys.encode(key)
         use_local = self.bus is None or not self.bus.bypass_local
         if use_local:
@@ -195,29 +198,41 @@ class TieredCache:
         ttl: TtlArg,
         use_local: bool,
     ) -> Any:
-        """Fill ``wire`` once per process however many threads miss it at once."""
-        with self._flights_lock:
-            flight = self._flights.get(wire)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[wire] = _Flight()
-        if not leader:
-            if flight.done.wait(self.settings.fill_wait):
-                if flight.error is not None:
-                    raise flight.error
-                return flight.item
-            # NOTE: the leader is slower than fill_wait; load without sharing.
-            return self._fetch(key, wire, loader, ttl, use_local)
+        """Fill ``wire`` once per process however many threads miss it at once.
+
+        A caller joins a flight only if the key was not invalidated since the
+        flight began: that flight may be loading the row a write has since
+        replaced, and a caller that arrives after the write must see it.
+        Such a caller starts a new flight in the old one's place.
+        """
+        token = self.local.begin_fill()
         try:
-            flight.item = self._fetch(key, wire, loader, ttl, use_local)
-            return flight.item
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
             with self._flights_lock:
-                del self._flights[wire]
-            flight.done.set()
+                flight = self._flights.get(wire)
+                leader = flight is None or self.local.is_voided(wire, flight.token)
+                if leader:
+                    flight = self._flights[wire] = _Flight(token)
+            assert flight is not None
+            if not leader:
+                if flight.done.wait(self.settings.fill_wait):
+                    if flight.error is not None:
+                        raise flight.error
+                    return flight.item
+                # NOTE: the leader is slower than fill_wait; load without sharing.
+                return self._fetch(key, wire, loader, ttl, use_local, token)
+            try:
+                flight.item = self._fetch(key, wire, loader, ttl, use_local, token)
+                return flight.item
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                with self._flights_lock:
+                    if self._flights.get(wire) is flight:
+                        del self._flights[wire]
+                flight.done.set()
+        finally:
+            self.local.end_fill(token)
 
     def _fetch(
         self,
@@ -226,38 +241,31 @@ class TieredCache:
         loader: Callable[[Any], Any] | None,
         ttl: TtlArg,
         use_local: bool,
+        token: int,
     ) -> Any:
-        """Read L2, then load through a lease; return the L1 item (body or object)."""
-        # The token is taken before L2 is read: an invalidation that arrives
-        # after this point voids the L1 fill below, even if L2 answered with
-        # a value the invalidation was about.
-        token = self.local.begin_fill()
+        """Read L2, then load through a lease; return the L1 item (body or object).
+
+        ``token`` was taken before L2 is read: an invalidation that arrives
+        after that voids the L1 fill below, even if L2 answered with a value
+        the invalidation was about.
+        """
+        lease: bytes | None = None
+        if self.remote is not None:
+            found = self._read_remote(wire)
+            if found is not MISSING and found.kind is not KIND_LEASE:
+                return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+            lease, found = self._acquire_lease(wire, found)
+            if found is not MISSING:
+                return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+        signals.send_robust(signals.miss, self, key=key)
+        started = time.monotonic()
         try:
-            lease: bytes | None = None
-            if self.remote is not None:
-                found = self._read_remote(wire)
-                if found is not MISSING and found.kind is not KIND_LEASE:
-                    return self._use_remote(
-                        key, wire, loader, ttl, found, token, use_local
-                    )
-                lease, found = self._acquire_lease(wire, found)
-                if found is not MISSING:
-                    return self._use_remote(
-                        key, wire, loader, ttl, found, token, use_local
-                    )
-            signals.send_robust(signals.miss, self, key=key)
-            started = time.monotonic()
-            try:
-                value = self._call_loader(key, loader)
-            except BaseException:
-                self._release_lease(wire, lease)
-                raise
-            load_seconds = time.monotonic() - started
-            return self._fill(
-                key, wire, value, ttl, lease, token, use_local, load_seconds
-            )
-        finally:
-            self.local.end_fill(token)
+            value = self._call_loader(key, loader)
+        except BaseException:
+            self._release_lease(wire, lease)
+            raise
+        load_seconds = time.monotonic() - started
+        return self._fill(key, wire, value, ttl, lease, token, use_local, load_seconds)
 
     def _use_remote(
         self,
@@ -587,6 +595,7 @@ class TieredCache:
         are cached as absent and left out of the result. Duplicate keys and
         any iterable are accepted.
         """
+        _check_ttl(ttl)
         wires: dict[str, str | bytes] = {}
         for key in keys:
             wires.setdefault(self.keys.encode(key), key)
@@ -597,7 +606,9 @@ class TieredCache:
             item = self.local.get(wire) if use_local else MISSING
             if item is MISSING:
                 missing.append(wire)
-            elif item is not NEGATIVE:
+                continue
+            signals.send_robust(signals.hit, self, key=key, tier="local")
+            if item is not NEGATIVE:
                 result[key] = self._hand_out(item)
         if not missing:
             return result
@@ -629,23 +640,28 @@ class TieredCache:
                 if decoded is MISSING or decoded.kind is KIND_LEASE:
                     to_load.append(wire)
                     continue
+                signals.send_robust(signals.hit, self, key=wires[wire], tier="remote")
                 if use_local:
                     self._fill_local_from_remote(wire, decoded, token, now)
                 if decoded.item is not NEGATIVE:
                     result[wires[wire]] = self._hand_out(decoded.item)
             # NOTE: one add per key; a batch that misses everywhere costs a
             # round trip per key here, on top of the origin's single query.
+            held: list[str] = []
             for wire in to_load:
                 lease = None
                 if wire not in down:
                     lease = codec.pack(KIND_LEASE, os.urandom(12))
-                    if (
-                        self.remote.add(wire, lease, self.settings.lease_ttl)
-                        is not True
-                    ):
+                    added = self.remote.add(wire, lease, self.settings.lease_ttl)
+                    if added is not True:
                         lease = None
+                        if added is False:
+                            held.append(wire)
                 leases[wire] = lease
-            missing = to_load
+            arrived = self._wait_for_fills(held, wires, token, use_local, result)
+            missing = [wire for wire in to_load if wire not in arrived]
+        for wire in missing:
+            signals.send_robust(signals.miss, self, key=wires[wire])
         if not missing:
             return
         keys = [wires[wire] for wire in missing]
@@ -667,6 +683,45 @@ class TieredCache:
             for wire in missing[filled:]:
                 self._release_lease(wire, leases.get(wire))
             raise
+
+    def _wait_for_fills(
+        self,
+        held: list[str],
+        wires: dict[str, str | bytes],
+        token: int,
+        use_local: bool,
+        result: dict[Any, Any],
+    ) -> set[str]:
+        """Poll L2 for keys whose lease another caller holds, up to ``lease_wait``.
+
+        :returns: the keys whose fill arrived; their values are in ``result``.
+        """
+        assert self.remote is not None
+        arrived: set[str] = set()
+        if not held:
+            return arrived
+        self.lease_waits += 1
+        deadline = time.monotonic() + self.settings.lease_wait
+        pause = _LEASE_POLL_FIRST
+        waiting = list(held)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, _LEASE_POLL_MAX)
+            found, _down = self.remote.get_many(waiting)
+            now = time.time()
+            for wire, raw in found.items():
+                decoded = self._decode(wire, raw)
+                if decoded is MISSING or decoded.kind is KIND_LEASE:
+                    continue
+                arrived.add(wire)
+                if use_local:
+                    self._fill_local_from_remote(wire, decoded, token, now)
+                if decoded.item is not NEGATIVE:
+                    result[wires[wire]] = self._hand_out(decoded.item)
+            waiting = [wire for wire in waiting if wire not in arrived]
+        if waiting:
+            self.lease_wait_timeouts += 1
+        return arrived
 
     def _load_many(
         self,
@@ -858,6 +913,21 @@ class TieredCache:
         self.local.reset_after_fork()
         if self.bus is not None and not self._closed:
             self.bus.after_fork()
+
+
+def _check_ttl(ttl: object) -> None:
+    if ttl is DEFAULT_TTL or ttl is None:
+        return
+    if not isinstance(ttl, int | float) or isinstance(ttl, bool):
+        raise TypeError(
+            f"ttl must be a number of seconds, None (no expiry) or DEFAULT_TTL, "
+            f"not {type(ttl).__name__}: {ttl!r}"
+        )
+    if not math.isfinite(ttl):
+        raise ValueError(
+            f"ttl must be a finite number of seconds, got {ttl!r}; "
+            f"use None for no expiry"
+        )
 
 
 def _origin_from_url(settings: Settings) -> Origin | None:

@@ -11,8 +11,9 @@ class Origin(Protocol):
     """The system of record that a :class:`~tiercache.TieredCache` reads on a miss.
 
     ``load`` returns :data:`tiercache.MISSING` when the origin has no row for
-    the key; ``load_many`` leaves such keys out of its result. ``store`` and ``delete`` commit before they return, and raise on
-    failure, so the cache touches no tier after a failed write.
+    the key; ``load_many`` leaves such keys out of its result. ``store``
+    and ``delete`` commit before they return, and raise on failure, so the
+    cache touches no tier after a failed write.
     """
 
     def load(self, key: str) -> Any: ...

@@ -100,6 +100,14 @@ class LocalTier:
             if not self._fills:
                 self._invalidated.clear()
 
+    def is_voided(self, key: str, token: int) -> bool:
+        """Tell whether ``key`` was invalidated (or L1 cleared) after ``token``.
+
+        Exact while the token's fill is in flight, which keeps the record.
+        """
+        with self._lock:
+            return self._flushed_at > token or self._invalidated.get(key, -1) > token
+
     def fill(self, key: str, item: Any, size: int, ttl: float, token: int) -> bool:
         """Store ``item`` unless ``key`` was invalidated after ``token`` was taken.
 

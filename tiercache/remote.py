@@ -35,6 +35,7 @@ from pymemcache.exceptions import (
     MemcacheError,
     MemcacheServerError,
     MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
 )
 
 from .codec import WIRE_FLAGS
@@ -212,6 +213,11 @@ class RemoteTier:
                 raise
             self._close(node)
             return command(self._client(node))
+        except (KeyError, ValueError) as exc:
+            # pymemcache raises these for a reply it can't match to the
+            # request; the socket is out of step, so it must not be reused.
+            self._close(node)
+            raise MemcacheUnknownError(f"unexpected reply: {exc!r}") from exc
 
     # -- health -------------------------------------------------------------
 
@@ -407,8 +413,11 @@ class RemoteTier:
         down: set[str] = set()
         sent: list[tuple[Node, Client, list[str], bool]] = []
         foreign: list[str] = []
+        # Health checks may send commands of their own (tombstone reads on
+        # another server), so they all run before any request is pipelined.
+        usable = {node: self._usable(node) for node in by_node}
         for node, node_keys in by_node.items():
-            if not self._usable(node):
+            if not usable[node]:
                 down.update(node_keys)
                 continue
             client = self._client(node)
