@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .cache import DEFAULT_TTL, TieredCache
+from .cache import TieredCache
 from .contracts import Channel, Origin
 from .errors import (
     ChannelError,
@@ -21,6 +21,7 @@ from .errors import (
 )
 from .sentinel import MISSING
 from .settings import Settings
+from .ttl import DEFAULT_TTL
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final, NamedTuple, TypeAlias, cast
+from typing import Any, Final, NamedTuple, cast
 
 import orjson
 
@@ -24,24 +24,15 @@ from .decorator import CachedFunction
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
 from .local import LocalTier
+from .namespace import Namespace, NamespaceVersions
 from .remote import DOWN, ITEM_OVERHEAD, RemoteTier
 from .sentinel import MISSING
 from .settings import Settings
 from .stats import snapshot
 from .transaction import PendingInvalidation
+from .ttl import DEFAULT_TTL, TtlArg, _Default, check_ttl
 
 log = logging.getLogger(__name__)
-
-
-class _Default:
-    def __repr__(self) -> str:
-        return "DEFAULT_TTL"
-
-
-DEFAULT_TTL: Final = _Default()
-"""Use the configured TTLs (``remote_ttl`` in L2, ``local_ttl`` in L1)."""
-
-TtlArg: TypeAlias = float | None | _Default
 
 
 class _Negative:
@@ -115,6 +106,7 @@ class TieredCache:
             max_bytes=self.settings.local_max_bytes,
             clock=clock,
         )
+        self.namespaces = NamespaceVersions(self)
         self.remote = (
             RemoteTier(self.settings) if self.settings.memcached_servers else None
         )
@@ -129,6 +121,7 @@ class TieredCache:
                 on_invalidated=self._on_remote_invalidation,
                 on_lost_deletes=self._on_lost_deletes,
                 on_resync=self._on_resync,
+                on_namespace=self._on_namespace_message,
                 clock=clock,
             )
             self.bus.start()
@@ -172,8 +165,17 @@ class TieredCache:
         :raises UnsupportedTypeError: if the loaded value can't be cached.
         :raises TypeError: for a ``ttl`` that is not a number or ``None``.
         """
-        _check_ttl(ttl)
-        wire = self.keys.encode(key)
+        check_ttl(ttl)
+        return self._get(key, self.keys.encode(key), loader, ttl, default)
+
+    def _get(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        default: Any,
+    ) -> Any:
         use_local = self.bus is None or not self.bus.bypass_local
         if use_local:
             item = self.local.get(wire)
@@ -595,10 +597,19 @@ class TieredCache:
         are cached as absent and left out of the result. Duplicate keys and
         any iterable are accepted.
         """
-        _check_ttl(ttl)
+        check_ttl(ttl)
         wires: dict[str, str | bytes] = {}
         for key in keys:
             wires.setdefault(self.keys.encode(key), key)
+        return self._get_many(wires, loader, ttl)
+
+    def _get_many(
+        self,
+        wires: dict[str, str | bytes],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+        ttl: TtlArg,
+    ) -> dict[Any, Any]:
+        """Read ``wire -> key`` pairs; the loader and the result use the keys."""
         result: dict[Any, Any] = {}
         use_local = self.bus is None or not self.bus.bypass_local
         missing: list[str] = []
@@ -734,6 +745,23 @@ class TieredCache:
             return self.origin.load_many(keys)
         return {}
 
+    # -- namespaces ----------------------------------------------------------------
+
+    def namespace(self, name: str) -> Namespace:
+        """Return a view whose keys live under ``name``, invalidated together.
+
+        See :class:`~tiercache.namespace.Namespace`.
+        """
+        return Namespace(self, name)
+
+    def invalidate_namespace(self, name: str) -> None:
+        """Make every entry of namespace ``name`` unreachable, in every process.
+
+        No memcached scan: the namespace's version changes, and keys of the
+        old version are never read again (they expire or are evicted).
+        """
+        self.namespaces.bump(name)
+
     # -- decorator -----------------------------------------------------------------
 
     def cached(
@@ -856,8 +884,12 @@ class TieredCache:
             self.remote.queue_lost_deletes(wires)
 
     def _on_resync(self) -> None:
+        self.namespaces.forget_all()
         if self.remote is not None:
             self.remote.recheck_tombstones()
+
+    def _on_namespace_message(self, version_keys: tuple[str, ...]) -> None:
+        self.namespaces.forget(version_keys)
 
     def _require_origin(self, operation: str) -> Origin:
         if self.origin is None:
@@ -913,21 +945,6 @@ class TieredCache:
         self.local.reset_after_fork()
         if self.bus is not None and not self._closed:
             self.bus.after_fork()
-
-
-def _check_ttl(ttl: object) -> None:
-    if ttl is DEFAULT_TTL or ttl is None:
-        return
-    if not isinstance(ttl, int | float) or isinstance(ttl, bool):
-        raise TypeError(
-            f"ttl must be a number of seconds, None (no expiry) or DEFAULT_TTL, "
-            f"not {type(ttl).__name__}: {ttl!r}"
-        )
-    if not math.isfinite(ttl):
-        raise ValueError(
-            f"ttl must be a finite number of seconds, got {ttl!r}; "
-            f"use None for no expiry"
-        )
 
 
 def _origin_from_url(settings: Settings) -> Origin | None:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from .cache import TieredCache, TtlArg
+    from .cache import TieredCache
+    from .ttl import TtlArg
 
 
 class CachedFunction:

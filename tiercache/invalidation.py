@@ -73,6 +73,7 @@ class InvalidationBus:
         on_invalidated: Callable[[tuple[str, ...], str], None] | None = None,
         on_lost_deletes: Callable[[tuple[str, ...]], None] | None = None,
         on_resync: Callable[[], None] | None = None,
+        on_namespace: Callable[[tuple[str, ...]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.channel = channel
@@ -81,6 +82,7 @@ class InvalidationBus:
         self._on_invalidated = on_invalidated
         self._on_lost_deletes = on_lost_deletes
         self._on_resync = on_resync
+        self._on_namespace = on_namespace
         self._clock = clock
         self._lock = threading.Lock()
         self._new_identity()
@@ -176,6 +178,10 @@ class InvalidationBus:
             ok = self._send("lost", batch) and ok
         return ok
 
+    def publish_namespace(self, version_keys: list[str]) -> bool:
+        """Tell every process that these namespace versions changed."""
+        return self._send("ns", version_keys)
+
     def publish_flush(self) -> bool:
         """Tell every process to flush its whole local tier."""
         return self._send("flush", [])
@@ -246,6 +252,10 @@ class InvalidationBus:
             self.local.invalidate(message.keys)
             if self._on_lost_deletes is not None:
                 self._on_lost_deletes(message.keys)
+        elif message.kind == "ns":
+            self.received += 1
+            if self._on_namespace is not None:
+                self._on_namespace(message.keys)
         elif message.kind == "flush":
             self.received += 1
             self.local.clear()

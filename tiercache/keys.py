@@ -44,6 +44,31 @@ class KeyCodec:
             )
         return self._memo(key)
 
+    def encode_namespaced(self, name: str, version: str, key: str | bytes) -> str:
+        """Return the memcached key of ``key`` in version ``version`` of a namespace.
+
+        The parts are length-prefixed and hashed under their own tag, so a
+        namespaced key never equals a plain key or one of another namespace.
+        """
+        if not isinstance(key, str | bytes):
+            raise TypeError(
+                f"cache key must be str or bytes, not {type(key).__name__}: {key!r}"
+            )
+        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+        parts = [name.encode("utf-8", "surrogatepass"), version.encode(), raw]
+        data = b"n" + (b"s" if isinstance(key, str) else b"b")
+        for part in parts:
+            data += len(part).to_bytes(4, "big") + part
+        digest = hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
+        return self._prefix + "#" + base64.urlsafe_b64encode(digest).decode("ascii")
+
+    def version_key(self, name: str) -> str:
+        """Return the memcached key that stores namespace ``name``'s version."""
+        digest = hashlib.blake2b(
+            name.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_SIZE
+        ).digest()
+        return self._prefix + "!ns:" + base64.urlsafe_b64encode(digest).decode("ascii")
+
     def _encode(self, key: str | bytes) -> str:
         if isinstance(key, str) and type(key) is not str:
             key = key[:]  # a str subclass (StrEnum) keys like its plain text

@@ -21,9 +21,10 @@ MESSAGE_VERSION: Final = 1
 
 # inv: evict these keys. hb: heartbeat. flush: evict everything. lost: evict
 # these keys and delete them in memcached before using their server again,
-# because the sender's deletes could not reach it.
-Kind = Literal["inv", "hb", "flush", "lost"]
-_KINDS: Final = ("inv", "hb", "flush", "lost")
+# because the sender's deletes could not reach it. ns: the versions stored
+# under these memcached keys changed (namespace invalidation).
+Kind = Literal["inv", "hb", "flush", "lost", "ns"]
+_KINDS: Final = ("inv", "hb", "flush", "lost", "ns")
 
 # Bytes of a message besides its keys, with room for long sender ids and
 # large numbers; each key adds its JSON-encoded length plus a comma.
