@@ -1,0 +1,610 @@
+"""Filling the tiers after a miss: single flight, leases, TTLs, background refresh.
+
+:class:`FillMixin` holds the steps below L1 of :class:`~tiercache.TieredCache`'s
+read path, each a method testable alone: read L2, take or wait for a lease,
+call the loader, encode, fill L2 through the lease and L1 through the fill
+guard, and refresh stale entries in the background.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from . import codec, signals
+from .codec import KIND_JSON, KIND_LEASE, KIND_NEGATIVE, UndecodableValue
+from .contracts import Origin
+from .invalidation import InvalidationBus
+from .keys import KeyCodec
+from .local import LocalTier
+from .remote import DOWN, ITEM_OVERHEAD, RemoteTier
+from .sentinel import MISSING
+from .settings import Settings
+from .ttl import TtlArg, _Default
+
+log = logging.getLogger(__name__)
+
+
+class _Negative:
+    """The L1 item for "the origin has no such row"."""
+
+    def __repr__(self) -> str:
+        return "NEGATIVE"
+
+
+NEGATIVE: Final = _Negative()
+
+_LEASE_POLL_FIRST = 0.002
+_LEASE_POLL_MAX = 0.05
+_REFRESH_WORKERS = 4
+
+
+class _Flight:
+    """One fill of one key in this process, shared by the threads that miss it."""
+
+    __slots__ = ("done", "item", "error", "token")
+
+    def __init__(self, token: int) -> None:
+        self.done = threading.Event()
+        self.item: Any = None
+        self.error: BaseException | None = None
+        self.token = token
+
+
+class _Found(NamedTuple):
+    """A value read from L2: its kind, its L1 item, the body size, its header."""
+
+    kind: bytes
+    item: Any
+    size: int
+    envelope: codec.Envelope
+
+
+class _Ttl(NamedTuple):
+    """The TTLs of one fill, in seconds: fresh in L2 (None: no expiry), L1."""
+
+    remote: float | None
+    local: float
+    cacheable: bool
+
+
+class FillMixin:
+    """The read path below L1; :class:`~tiercache.TieredCache` provides the state."""
+
+    settings: Settings
+    origin: Origin | None
+    keys: KeyCodec
+    local: LocalTier
+    remote: RemoteTier | None
+    bus: InvalidationBus | None
+    _flights: dict[str, _Flight]
+    _flights_lock: threading.Lock
+    _refresher: concurrent.futures.ThreadPoolExecutor | None
+    loads: int
+    stale_fills_dropped: int
+    lease_waits: int
+    lease_wait_timeouts: int
+    stale_served: int
+    refreshes: int
+    refresh_errors: int
+    undecodable: int
+    too_large: int
+
+    def _hand_out(self, item: Any) -> Any:
+        # In copy mode L1 holds the JSON body, so every caller gets its own
+        # objects and can't corrupt what others read.
+        if self.settings.local_copy:
+            return orjson.loads(item)
+        return item
+
+    def _load_shared(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        use_local: bool,
+    ) -> Any:
+        """Fill ``wire`` once per process however many threads miss it at once.
+
+        A caller joins a flight only if the key was not invalidated since the
+        flight began: that flight may be loading the row a write has since
+        replaced, and a caller that arrives after the write must see it.
+        Such a caller starts a new flight in the old one's place.
+        """
+        token = self.local.begin_fill()
+        try:
+            with self._flights_lock:
+                flight = self._flights.get(wire)
+                leader = flight is None or self.local.is_voided(wire, flight.token)
+                if leader:
+                    flight = self._flights[wire] = _Flight(token)
+            assert flight is not None
+            if not leader:
+                if flight.done.wait(self.settings.fill_wait):
+                    if flight.error is not None:
+                        raise flight.error
+                    return flight.item
+                # NOTE: the leader is slower than fill_wait; load without sharing.
+                return self._fetch(key, wire, loader, ttl, use_local, token)
+            try:
+                flight.item = self._fetch(key, wire, loader, ttl, use_local, token)
+                return flight.item
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                with self._flights_lock:
+                    if self._flights.get(wire) is flight:
+                        del self._flights[wire]
+                flight.done.set()
+        finally:
+            self.local.end_fill(token)
+
+    def _fetch(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        use_local: bool,
+        token: int,
+    ) -> Any:
+        """Read L2, then load through a lease; return the L1 item (body or object).
+
+        ``token`` was taken before L2 is read: an invalidation that arrives
+        after that voids the L1 fill below, even if L2 answered with a value
+        the invalidation was about.
+        """
+        lease: bytes | None = None
+        if self.remote is not None:
+            found = self._read_remote(wire)
+            if found is not MISSING and found.kind is not KIND_LEASE:
+                return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+            lease, found = self._acquire_lease(wire, found)
+            if found is not MISSING:
+                return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+        signals.send_robust(signals.miss, self, key=key)
+        started = time.monotonic()
+        try:
+            value = self._call_loader(key, loader)
+        except BaseException:
+            self._release_lease(wire, lease)
+            raise
+        load_seconds = time.monotonic() - started
+        return self._fill(key, wire, value, ttl, lease, token, use_local, load_seconds)
+
+    def _use_remote(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        found: _Found,
+        token: int,
+        use_local: bool,
+    ) -> Any:
+        """Serve an L2 value, refreshing it in the background when due."""
+        signals.send_robust(signals.hit, self, key=key, tier="remote")
+        fresh_until = found.envelope.fresh_until
+        now = time.time()
+        if fresh_until and found.kind is KIND_JSON:
+            stale = now >= fresh_until and self.settings.stale_ttl > 0
+            if stale or self._refresh_early(found.envelope, now):
+                self._start_refresh(key, wire, loader, ttl)
+            if stale:
+                # Served at once, but not kept in L1: the refresh replaces it.
+                self.stale_served += 1
+                return found.item
+        if use_local:
+            self._fill_local_from_remote(wire, found, token, now)
+        return found.item
+
+    def _refresh_early(self, envelope: codec.Envelope, now: float) -> bool:
+        # XFetch (Vattani et al., VLDB 2015): refresh before expiry with a
+        # probability that grows as expiry nears and with the load's cost.
+        beta = self.settings.early_refresh_beta
+        if not beta or not envelope.load_seconds:
+            return False
+        gap = -envelope.load_seconds * beta * math.log(1.0 - random.random())
+        return now + gap >= envelope.fresh_until
+
+    def _read_remote(self, wire: str) -> Any:
+        """Return the :class:`_Found` value of ``wire`` in L2, or ``MISSING``."""
+        assert self.remote is not None
+        raw = self.remote.get(wire)
+        if raw is None or raw is DOWN:
+            return MISSING
+        return self._decode(wire, raw)  # type: ignore[arg-type]
+
+    def _decode(self, wire: str, raw: bytes) -> Any:
+        try:
+            envelope = codec.unpack(raw)
+            if envelope.kind == KIND_JSON:
+                value = orjson.loads(envelope.body)
+                item = envelope.body if self.settings.local_copy else value
+                return _Found(KIND_JSON, item, len(envelope.body), envelope)
+        except (UndecodableValue, orjson.JSONDecodeError) as exc:
+            self.undecodable += 1
+            if self.undecodable == 1 or self.undecodable % 1000 == 0:
+                log.warning(
+                    "%d undecodable remote values read as misses, latest: %s",
+                    self.undecodable,
+                    exc,
+                )
+            log.debug("undecodable remote value for %s", wire)
+            assert self.remote is not None
+            self.remote.delete_many([wire])
+            return MISSING
+        if envelope.kind == KIND_NEGATIVE:
+            return _Found(KIND_NEGATIVE, NEGATIVE, 0, envelope)
+        return _Found(KIND_LEASE, envelope.body, 0, envelope)
+
+    def _acquire_lease(self, wire: str, found: Any) -> tuple[bytes | None, Any]:
+        """Take the right to fill ``wire`` in L2, or wait for whoever has it.
+
+        :returns: ``(lease, MISSING)`` when this caller must load (``lease``
+            is ``None`` if it may not fill L2), or ``(None, found)`` when
+            another caller's fill arrived while waiting.
+        """
+        assert self.remote is not None
+        if found is MISSING:
+            lease = codec.pack(KIND_LEASE, os.urandom(12))
+            added = self.remote.add(wire, lease, self.settings.lease_ttl)
+            if added is DOWN:
+                return None, MISSING
+            if added:
+                return lease, MISSING
+        self.lease_waits += 1
+        deadline = time.monotonic() + self.settings.lease_wait
+        pause = _LEASE_POLL_FIRST
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, _LEASE_POLL_MAX)
+            found = self._read_remote(wire)
+            if found is not MISSING and found.kind is not KIND_LEASE:
+                return None, found
+            if found is MISSING:
+                # The holder gave up or a write voided its lease: try again.
+                lease = codec.pack(KIND_LEASE, os.urandom(12))
+                added = self.remote.add(wire, lease, self.settings.lease_ttl)
+                if added is DOWN:
+                    return None, MISSING
+                if added:
+                    return lease, MISSING
+        # Waited long enough: load without filling L2 rather than fail.
+        self.lease_wait_timeouts += 1
+        return None, MISSING
+
+    def _fill_local_from_remote(
+        self, wire: str, found: _Found, token: int, now: float
+    ) -> None:
+        ttl = self.settings.local_ttl
+        envelope = found.envelope
+        if envelope.fresh_until:
+            ttl = min(ttl, envelope.fresh_until - now)
+        elif envelope.expires_at:
+            ttl = min(ttl, envelope.expires_at - now)
+        if ttl > 0:
+            self.local.fill(wire, found.item, found.size, ttl, token)
+
+    def _call_loader(
+        self, key: str | bytes, loader: Callable[[Any], Any] | None
+    ) -> Any:
+        self.loads += 1
+        if loader is not None:
+            return loader(key)
+        if self.origin is not None:
+            return self.origin.load(key)  # type: ignore[arg-type]
+        return MISSING
+
+    def _ttls(self, ttl: TtlArg, negative: bool) -> _Ttl:
+        settings = self.settings
+        remote: float | None
+        if isinstance(ttl, _Default):
+            remote = settings.remote_ttl
+        else:
+            remote = ttl
+        if negative and (remote is None or remote > 0):
+            # "No such row" keeps its own, usually shorter, TTL.
+            remote = (
+                settings.negative_ttl
+                if remote is None
+                else min(remote, settings.negative_ttl)
+            )
+        if remote is None:
+            return _Ttl(None, settings.local_ttl, True)
+        if remote <= 0:
+            return _Ttl(0, 0, False)
+        if settings.ttl_jitter and not negative:
+            # Entries written together (a campaign's first wave) would
+            # otherwise expire together and stampede together.
+            remote *= 1 - settings.ttl_jitter * random.random()
+        remote = float(math.ceil(remote))
+        return _Ttl(remote, min(remote, settings.local_ttl), True)
+
+    def _encode_fill(
+        self, key: str | bytes, value: Any, ttl: TtlArg, load_seconds: float
+    ) -> tuple[Any, int, _Ttl, bytes]:
+        """Check and encode a loaded value: ``(L1 item, size, TTLs, L2 payload)``.
+
+        :raises UnsupportedTypeError: if the value can't be cached.
+        """
+        negative = value is MISSING
+        ttls = self._ttls(ttl, negative)
+        now = time.time()
+        if negative:
+            expires_at = now + ttls.remote if ttls.remote else 0.0
+            return (
+                NEGATIVE,
+                0,
+                ttls,
+                codec.pack(KIND_NEGATIVE, b"", expires_at=expires_at),
+            )
+        codec.check_value(key, value)
+        body = codec.dump_body(value)
+        item = body if self.settings.local_copy else orjson.loads(body)
+        fresh_until = expires_at = 0.0
+        if ttls.remote:
+            fresh_until = now + ttls.remote
+            expires_at = fresh_until + self.settings.stale_ttl
+        payload = codec.pack_value(
+            body,
+            compress_threshold=self.settings.compress_threshold,
+            fresh_until=fresh_until,
+            expires_at=expires_at,
+            load_seconds=load_seconds,
+        )
+        return item, len(body), ttls, payload
+
+    def _remote_expire(self, ttls: _Ttl, negative: bool) -> float | None:
+        if ttls.remote is None:
+            return None
+        return ttls.remote if negative else ttls.remote + self.settings.stale_ttl
+
+    def _fill(
+        self,
+        key: str | bytes,
+        wire: str,
+        value: Any,
+        ttl: TtlArg,
+        lease: bytes | None,
+        token: int,
+        use_local: bool,
+        load_seconds: float = 0.0,
+    ) -> Any:
+        """Store a loaded value in L2 (through the lease) and L1; return the L1 item."""
+        try:
+            item, size, ttls, payload = self._encode_fill(key, value, ttl, load_seconds)
+        except Exception:
+            self._release_lease(wire, lease)
+            raise
+        if not ttls.cacheable:
+            self._release_lease(wire, lease)
+            return item
+        if lease is not None:
+            expire = self._remote_expire(ttls, item is NEGATIVE)
+            self._fill_remote(wire, lease, payload, expire)
+        if use_local:
+            self.local.fill(wire, item, size, ttls.local, token)
+        signals.send_robust(signals.fill, self, key=key, tier="local")
+        return item
+
+    def _fill_remote(
+        self, wire: str, lease: bytes, payload: bytes, ttl: float | None
+    ) -> None:
+        assert self.remote is not None
+        if self._too_large(wire, payload):
+            self._release_lease(wire, lease)
+            return
+        current = self.remote.gets(wire)
+        if current is DOWN:
+            return
+        held, cas = current  # type: ignore[misc]
+        if held != lease or cas is None:
+            # A write deleted the lease after this load began: the loaded
+            # value may predate the write, so it must not land in L2.
+            self.stale_fills_dropped += 1
+            return
+        self.remote.cas(wire, payload, cas, ttl)
+
+    def _too_large(self, wire: str, payload: bytes) -> bool:
+        if len(payload) + len(wire) + ITEM_OVERHEAD <= self.settings.max_item_size:
+            return False
+        self.too_large += 1
+        if self.too_large == 1 or self.too_large % 1000 == 0:
+            log.warning(
+                "%d values too large for memcached kept out of L2 (latest %d bytes)",
+                self.too_large,
+                len(payload),
+            )
+        log.debug("value of %s too large for memcached", wire)
+        return True
+
+    def _release_lease(self, wire: str, lease: bytes | None) -> None:
+        if lease is None or self.remote is None:
+            return
+        current = self.remote.gets(wire)
+        if current is not DOWN and current[0] == lease:  # type: ignore[index]
+            self.remote.delete_many([wire])
+
+    # -- background refresh --------------------------------------------------------
+
+    def _start_refresh(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+    ) -> None:
+        """Refresh ``wire`` in the background unless another caller already does."""
+        assert self.remote is not None
+        marker = self.keys.encode(b"refresh\0" + wire.encode("ascii"))
+        if self.remote.add(marker, b"", self.settings.lease_ttl) is not True:
+            return
+        if self._refresher is None:
+            self._refresher = concurrent.futures.ThreadPoolExecutor(
+                _REFRESH_WORKERS, thread_name_prefix="tiercache-refresh"
+            )
+        self._refresher.submit(self._refresh, key, wire, loader, ttl, marker)
+
+    def _refresh(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        marker: str,
+    ) -> None:
+        assert self.remote is not None
+        token = self.local.begin_fill()
+        try:
+            # The cas token is read before loading: a write-through deletes
+            # the key, so a refresh that loaded the old row can't store it.
+            current = self.remote.gets(wire)
+            if current is DOWN or current[1] is None:  # type: ignore[index]
+                return
+            cas = current[1]  # type: ignore[index]
+            started = time.monotonic()
+            value = self._call_loader(key, loader)
+            load_seconds = time.monotonic() - started
+            item, size, ttls, payload = self._encode_fill(key, value, ttl, load_seconds)
+            if not ttls.cacheable or self._too_large(wire, payload):
+                return
+            expire = self._remote_expire(ttls, item is NEGATIVE)
+            if not self.remote.cas(wire, payload, cas, expire):
+                self.stale_fills_dropped += 1
+                return
+            self.refreshes += 1
+            if self.bus is None or not self.bus.bypass_local:
+                self.local.fill(wire, item, size, ttls.local, token)
+        except Exception:  # noqa: BLE001 - nobody waits on a background refresh
+            self.refresh_errors += 1
+            log.exception("background refresh failed; the stale value stays")
+        finally:
+            self.local.end_fill(token)
+            self.remote.delete_many([marker])
+
+    def _get_many_below(
+        self,
+        wires: dict[str, str | bytes],
+        missing: list[str],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+        ttl: TtlArg,
+        token: int,
+        use_local: bool,
+        result: dict[Any, Any],
+    ) -> None:
+        leases: dict[str, bytes | None] = {}
+        if self.remote is not None:
+            found, down = self.remote.get_many(missing)
+            now = time.time()
+            to_load: list[str] = []
+            for wire in missing:
+                raw = found.get(wire)
+                decoded = self._decode(wire, raw) if raw is not None else MISSING
+                if decoded is MISSING or decoded.kind is KIND_LEASE:
+                    to_load.append(wire)
+                    continue
+                signals.send_robust(signals.hit, self, key=wires[wire], tier="remote")
+                if use_local:
+                    self._fill_local_from_remote(wire, decoded, token, now)
+                if decoded.item is not NEGATIVE:
+                    result[wires[wire]] = self._hand_out(decoded.item)
+            # NOTE: one add per key; a batch that misses everywhere costs a
+            # round trip per key here, on top of the origin's single query.
+            held: list[str] = []
+            for wire in to_load:
+                lease = None
+                if wire not in down:
+                    lease = codec.pack(KIND_LEASE, os.urandom(12))
+                    added = self.remote.add(wire, lease, self.settings.lease_ttl)
+                    if added is not True:
+                        lease = None
+                        if added is False:
+                            held.append(wire)
+                leases[wire] = lease
+            arrived = self._wait_for_fills(held, wires, token, use_local, result)
+            missing = [wire for wire in to_load if wire not in arrived]
+        for wire in missing:
+            signals.send_robust(signals.miss, self, key=wires[wire])
+        if not missing:
+            return
+        keys = [wires[wire] for wire in missing]
+        self.loads += len(keys)
+        filled = 0
+        try:
+            loaded = self._load_many(keys, loader)
+            for wire in missing:
+                key = wires[wire]
+                value = loaded.get(key, MISSING)
+                lease = leases.get(wire)
+                item = self._fill(key, wire, value, ttl, lease, token, use_local)
+                filled += 1
+                if item is not NEGATIVE:
+                    result[key] = self._hand_out(item)
+        except BaseException:
+            # Release every lease the batch still holds; releasing one that
+            # is already gone does nothing.
+            for wire in missing[filled:]:
+                self._release_lease(wire, leases.get(wire))
+            raise
+
+    def _wait_for_fills(
+        self,
+        held: list[str],
+        wires: dict[str, str | bytes],
+        token: int,
+        use_local: bool,
+        result: dict[Any, Any],
+    ) -> set[str]:
+        """Poll L2 for keys whose lease another caller holds, up to ``lease_wait``.
+
+        :returns: the keys whose fill arrived; their values are in ``result``.
+        """
+        assert self.remote is not None
+        arrived: set[str] = set()
+        if not held:
+            return arrived
+        self.lease_waits += 1
+        deadline = time.monotonic() + self.settings.lease_wait
+        pause = _LEASE_POLL_FIRST
+        waiting = list(held)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, _LEASE_POLL_MAX)
+            found, _down = self.remote.get_many(waiting)
+            now = time.time()
+            for wire, raw in found.items():
+                decoded = self._decode(wire, raw)
+                if decoded is MISSING or decoded.kind is KIND_LEASE:
+                    continue
+                arrived.add(wire)
+                if use_local:
+                    self._fill_local_from_remote(wire, decoded, token, now)
+                if decoded.item is not NEGATIVE:
+                    result[wires[wire]] = self._hand_out(decoded.item)
+            waiting = [wire for wire in waiting if wire not in arrived]
+        if waiting:
+            self.lease_wait_timeouts += 1
+        return arrived
+
+    def _load_many(
+        self,
+        keys: list[Any],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+    ) -> Mapping[Any, Any]:
+        if loader is not None:
+            return loader(keys)
+        if self.origin is not None:
+            return self.origin.load_many(keys)
+        return {}
