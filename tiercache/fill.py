@@ -100,7 +100,7 @@ class FillMixin:
     too_large: int
 
     def _hand_out(self, item: Any) -> Any:
-        # In copy mode L1 holds the JSON body, so every caller gets its own
+        # In copy mode L1 stores the JSON body, so every caller gets its own
         # objects and can't corrupt what others read.
         if self.settings.local_copy:
             return orjson.loads(item)
@@ -162,7 +162,7 @@ class FillMixin:
         """Read L2, then load through a lease; return the L1 item (body or object).
 
         ``token`` was taken before L2 is read: an invalidation that arrives
-        after that voids the L1 fill below, even if L2 answered with a value
+        after that voids the L1 fill below, even if L2 returned a value
         the invalidation was about.
         """
         lease: bytes | None = None
@@ -250,7 +250,7 @@ class FillMixin:
         return _Found(KIND_LEASE, envelope.body, 0, envelope)
 
     def _acquire_lease(self, wire: str, found: Any) -> tuple[bytes | None, Any]:
-        """Take the right to fill ``wire`` in L2, or wait for whoever has it.
+        """Take the right to fill ``wire`` in L2, or wait for the caller that has it.
 
         :returns: ``(lease, MISSING)`` when this caller must load (``lease``
             is ``None`` if it may not fill L2), or ``(None, found)`` when
@@ -522,7 +522,7 @@ class FillMixin:
                     result[wires[wire]] = self._hand_out(decoded.item)
             # NOTE: one add per key; a batch that misses everywhere costs a
             # round trip per key here, on top of the origin's single query.
-            held: list[str] = []
+            leased_elsewhere: list[str] = []
             for wire in to_load:
                 lease = None
                 if wire not in down:
@@ -531,9 +531,11 @@ class FillMixin:
                     if added is not True:
                         lease = None
                         if added is False:
-                            held.append(wire)
+                            leased_elsewhere.append(wire)
                 leases[wire] = lease
-            arrived = self._wait_for_fills(held, wires, token, use_local, result)
+            arrived = self._wait_for_fills(
+                leased_elsewhere, wires, token, use_local, result
+            )
             missing = [wire for wire in to_load if wire not in arrived]
         for wire in missing:
             signals.send_robust(signals.miss, self, key=wires[wire])

@@ -548,7 +548,7 @@ class RemoteTier:
         # The server is healthy but refused the item (too large, out of
         # memory). Delete the key so an older value is not left behind.
         self.too_large += 1
-        log.warning("memcached %s refused a store: %s", node.address, exc)
+        log.warning("memcached %s rejected a store: %s", node.address, exc)
         self._close(node)
         self.delete_many([key])
 

@@ -98,8 +98,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-# Where each field's value came from while a Settings is being validated, so
-# an error can name the environment variable rather than the field.
+# Source of each field's value (the variable and its text) while a Settings
+# is validated, so an error can name the environment variable.
 _FIELD_SOURCES: dict[int, dict[str, str]] = {}
 
 

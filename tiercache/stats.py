@@ -14,7 +14,7 @@ def snapshot(cache: TieredCache) -> dict[str, Any]:
     """Collect the counters of each tier, the leases and the channel.
 
     Counters are plain integers bumped without a lock, so under heavy
-    threading a snapshot may undercount by a few; they are for monitoring,
+    threading a snapshot may undercount by a few. They are for monitoring,
     not for accounting.
     """
     local = cache.local
