@@ -275,7 +275,7 @@ def test_cache_long_keys_get_many(make_cache: Callable[..., TieredCache]) -> Non
 
     def fail_many_loader(missing: list[Any]) -> dict[Any, Any]:
         raise AssertionError(
-            f"loader called for {len(missing)} keys, first {missing[:3]!r}; expected hits"
+            f"loader called for {len(missing)} keys: {missing[:3]!r}; expected hits"
         )
 
     found = reader.get_many(keys.values(), fail_many_loader)
