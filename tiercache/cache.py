@@ -11,11 +11,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
+import orjson
+
 from . import codec, signals
 from .channel import make_channel
 from .contracts import Channel, Origin
 from .decorator import CachedFunction
-from .fill import NEGATIVE, FillMixin, _Flight
+from .fill import NEGATIVE, UNPARSED, FillMixin, _Flight
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
 from .local import LocalTier
@@ -51,6 +53,8 @@ class TieredCache(FillMixin):
         self.settings = settings if settings is not None else Settings.from_env()
         self.origin = origin if origin is not None else _origin_from_url(self.settings)
         self.keys = KeyCodec(self.settings.namespace)
+        self._encode_str = self.keys.encode_str
+        self._local_copy = self.settings.local_copy
         self.local = LocalTier(
             max_entries=self.settings.local_max_entries,
             max_bytes=self.settings.local_max_bytes,
@@ -115,8 +119,12 @@ class TieredCache(FillMixin):
         :raises UnsupportedTypeError: if the loaded value can't be cached.
         :raises TypeError: for a ``ttl`` that is not a number or ``None``.
         """
-        check_ttl(ttl)
-        return self._get(key, self.keys.encode(key), loader, ttl, default)
+        if ttl is not DEFAULT_TTL:
+            check_ttl(ttl)
+        # The memoized encoder is called directly for str keys: this is the
+        # L1 hit path, where every call counts.
+        wire = self._encode_str(key) if type(key) is str else self.keys.encode(key)
+        return self._get(key, wire, loader, ttl, default)
 
     def _get(
         self,
@@ -126,14 +134,20 @@ class TieredCache(FillMixin):
         ttl: TtlArg,
         default: Any,
     ) -> Any:
-        use_local = self.bus is None or not self.bus.bypass_local
+        bus = self.bus
+        use_local = bus is None or not bus.bypass_local
         if use_local:
             item = self.local.get(wire)
             if item is not MISSING:
-                signals.send_robust(signals.hit, self, key=key, tier="local")
-                return default if item is NEGATIVE else self._hand_out(item)
-        item = self._load_shared(key, wire, loader, ttl, use_local)
-        return default if item is NEGATIVE else self._hand_out(item)
+                if signals.hit.receivers:
+                    signals.send_robust(signals.hit, self, key=key, tier="local")
+                if item is NEGATIVE:
+                    return default
+                return orjson.loads(item) if self._local_copy else item
+        item, value = self._load_shared(key, wire, loader, ttl, use_local)
+        if item is NEGATIVE:
+            return default
+        return self._hand_out(item) if value is UNPARSED else value
 
     # -- batches -----------------------------------------------------------------
 

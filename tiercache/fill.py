@@ -43,30 +43,45 @@ class _Negative:
 
 NEGATIVE: Final = _Negative()
 
+
+class _Unparsed:
+    def __repr__(self) -> str:
+        return "UNPARSED"
+
+
+UNPARSED: Final = _Unparsed()
+"""Marks a read whose caller must still parse the L1 item for its own copy."""
+
 _LEASE_POLL_FIRST = 0.002
-_LEASE_POLL_MAX = 0.05
+# Waiters poll L2 at most this far apart, so they see a fill soon after it lands.
+_LEASE_POLL_MAX = 0.01
 _REFRESH_WORKERS = 4
 
 
 class _Flight:
-    """One fill of one key in this process, shared by the threads that miss it."""
+    """One fill of one key in this process, shared by the threads that miss it.
+
+    ``done`` is created by the first thread that joins, under the flights
+    lock, so a fill nobody waits for costs no Event.
+    """
 
     __slots__ = ("done", "item", "error", "token")
 
     def __init__(self, token: int) -> None:
-        self.done = threading.Event()
+        self.done: threading.Event | None = None
         self.item: Any = None
         self.error: BaseException | None = None
         self.token = token
 
 
 class _Found(NamedTuple):
-    """A value read from L2: its kind, its L1 item, the body size, its header."""
+    """A value read from L2: its kind, L1 item, body size, header, parsed value."""
 
     kind: bytes
     item: Any
     size: int
     envelope: codec.Envelope
+    value: Any
 
 
 class _Ttl(NamedTuple):
@@ -116,6 +131,10 @@ class FillMixin:
     ) -> Any:
         """Fill ``wire`` once per process however many threads miss it at once.
 
+        Returns ``(item, value)``: the L1 item and the caller's value, or
+        ``UNPARSED`` when the caller shares another thread's fill and must
+        take its own copy of the item.
+
         A caller joins a flight only if the key was not invalidated since the
         flight began: that flight may be loading the row a write has since
         replaced, and a caller that arrives after the write must see it.
@@ -128,17 +147,21 @@ class FillMixin:
                 leader = flight is None or self.local.is_voided(wire, flight.token)
                 if leader:
                     flight = self._flights[wire] = _Flight(token)
+                elif flight is not None and flight.done is None:
+                    flight.done = threading.Event()
             assert flight is not None
             if not leader:
+                assert flight.done is not None
                 if flight.done.wait(self.settings.fill_wait):
                     if flight.error is not None:
                         raise flight.error
-                    return flight.item
+                    return flight.item, UNPARSED
                 # NOTE: the leader is slower than fill_wait; load without sharing.
                 return self._fetch(key, wire, loader, ttl, use_local, token)
             try:
-                flight.item = self._fetch(key, wire, loader, ttl, use_local, token)
-                return flight.item
+                item, value = self._fetch(key, wire, loader, ttl, use_local, token)
+                flight.item = item
+                return item, value
             except BaseException as exc:
                 flight.error = exc
                 raise
@@ -146,7 +169,9 @@ class FillMixin:
                 with self._flights_lock:
                     if self._flights.get(wire) is flight:
                         del self._flights[wire]
-                flight.done.set()
+                    done = flight.done
+                if done is not None:
+                    done.set()
         finally:
             self.local.end_fill(token)
 
@@ -159,7 +184,7 @@ class FillMixin:
         use_local: bool,
         token: int,
     ) -> Any:
-        """Read L2, then load through a lease; return the L1 item (body or object).
+        """Read L2, then load through a lease; return ``(L1 item, value)``.
 
         ``token`` was taken before L2 is read: an invalidation that arrives
         after that voids the L1 fill below, even if L2 returned a value
@@ -204,10 +229,10 @@ class FillMixin:
             if stale:
                 # Served at once, but not kept in L1: the refresh replaces it.
                 self.stale_served += 1
-                return found.item
+                return found.item, found.value
         if use_local:
             self._fill_local_from_remote(wire, found, token, now)
-        return found.item
+        return found.item, found.value
 
     def _refresh_early(self, envelope: codec.Envelope, now: float) -> bool:
         # XFetch (Vattani et al., VLDB 2015): refresh before expiry with a
@@ -232,7 +257,7 @@ class FillMixin:
             if envelope.kind == KIND_JSON:
                 value = orjson.loads(envelope.body)
                 item = envelope.body if self.settings.local_copy else value
-                return _Found(KIND_JSON, item, len(envelope.body), envelope)
+                return _Found(KIND_JSON, item, len(envelope.body), envelope, value)
         except (UndecodableValue, orjson.JSONDecodeError) as exc:
             self.undecodable += 1
             if self.undecodable == 1 or self.undecodable % 1000 == 0:
@@ -246,8 +271,8 @@ class FillMixin:
             self.remote.delete_many([wire])
             return MISSING
         if envelope.kind == KIND_NEGATIVE:
-            return _Found(KIND_NEGATIVE, NEGATIVE, 0, envelope)
-        return _Found(KIND_LEASE, envelope.body, 0, envelope)
+            return _Found(KIND_NEGATIVE, NEGATIVE, 0, envelope, NEGATIVE)
+        return _Found(KIND_LEASE, envelope.body, 0, envelope, None)
 
     def _acquire_lease(self, wire: str, found: Any) -> tuple[bytes | None, Any]:
         """Take the right to fill ``wire`` in L2, or wait for the caller that has it.
@@ -382,22 +407,27 @@ class FillMixin:
         use_local: bool,
         load_seconds: float = 0.0,
     ) -> Any:
-        """Store a loaded value in L2 (through the lease) and L1; return the L1 item."""
+        """Store a loaded value in L2 (through the lease) and L1.
+
+        :returns: ``(L1 item, value)``; the loader's own object is the
+            caller's value, since L1 keeps a separate copy.
+        """
         try:
             item, size, ttls, payload = self._encode_fill(key, value, ttl, load_seconds)
         except Exception:
             self._release_lease(wire, lease)
             raise
+        caller_value = NEGATIVE if item is NEGATIVE else value
         if not ttls.cacheable:
             self._release_lease(wire, lease)
-            return item
+            return item, caller_value
         if lease is not None:
             expire = self._remote_expire(ttls, item is NEGATIVE)
             self._fill_remote(wire, lease, payload, expire)
         if use_local:
             self.local.fill(wire, item, size, ttls.local, token)
         signals.send_robust(signals.fill, self, key=key, tier="local")
-        return item
+        return item, caller_value
 
     def _fill_remote(
         self, wire: str, lease: bytes, payload: bytes, ttl: float | None
@@ -519,7 +549,7 @@ class FillMixin:
                 if use_local:
                     self._fill_local_from_remote(wire, decoded, token, now)
                 if decoded.item is not NEGATIVE:
-                    result[wires[wire]] = self._hand_out(decoded.item)
+                    result[wires[wire]] = decoded.value
             # NOTE: one add per key; a batch that misses everywhere costs a
             # round trip per key here, on top of the origin's single query.
             leased_elsewhere: list[str] = []
@@ -550,10 +580,10 @@ class FillMixin:
                 key = wires[wire]
                 value = loaded.get(key, MISSING)
                 lease = leases.get(wire)
-                item = self._fill(key, wire, value, ttl, lease, token, use_local)
+                item, value = self._fill(key, wire, value, ttl, lease, token, use_local)
                 filled += 1
                 if item is not NEGATIVE:
-                    result[key] = self._hand_out(item)
+                    result[key] = value
         except BaseException:
             # Release every lease the batch still holds; releasing one that
             # is already gone does nothing.
@@ -594,7 +624,7 @@ class FillMixin:
                 if use_local:
                     self._fill_local_from_remote(wire, decoded, token, now)
                 if decoded.item is not NEGATIVE:
-                    result[wires[wire]] = self._hand_out(decoded.item)
+                    result[wires[wire]] = decoded.value
             waiting = [wire for wire in waiting if wire not in arrived]
         if waiting:
             self.lease_wait_timeouts += 1

@@ -103,6 +103,7 @@ class InvalidationBus:
         self._last_seen: dict[str, int] = {}
         self._subscribed = False
         self._deaf = False
+        self._update_bypass()
         self._last_own = self._clock()
         self._ever_subscribed = False
 
@@ -113,10 +114,12 @@ class InvalidationBus:
         """Whether L1 may be read and filled: subscribed and hearing itself."""
         return self._subscribed and not self._deaf
 
-    @property
-    def bypass_local(self) -> bool:
-        """Whether reads must skip L1 now."""
-        return self.settings.on_channel_loss == "bypass" and not self.is_trusted
+    def _update_bypass(self) -> None:
+        # Kept as a plain attribute, because every read checks it. Call this
+        # after each change of _subscribed or _deaf.
+        self.bypass_local = (
+            self.settings.on_channel_loss == "bypass" and not self.is_trusted
+        )
 
     def start(self) -> None:
         """Subscribe and start the heartbeat thread."""
@@ -268,6 +271,7 @@ class InvalidationBus:
             # while this process could not hear itself.
             self.local.clear()
             self._deaf = False
+            self._update_bypass()
             log.warning("invalidation channel heard again; local tier flushed")
 
     def _on_state(self, connected: bool) -> None:
@@ -279,12 +283,15 @@ class InvalidationBus:
             self._resync()
             self._last_own = self._clock()
             self._deaf = False
+            self._update_bypass()
             self._subscribed = True
+            self._update_bypass()
             if self._ever_subscribed:
                 log.warning("invalidation channel resubscribed; local tier flushed")
             self._ever_subscribed = True
         else:
             self._subscribed = False
+            self._update_bypass()
             self.losses += 1
             log.warning(
                 "invalidation channel lost; local tier flushed%s",
@@ -315,6 +322,7 @@ class InvalidationBus:
                     and self._clock() - self._last_own > limit
                 ):
                     self._deaf = True
+                    self._update_bypass()
                     self.losses += 1
                     self._distrust(f"no heartbeat of its own heard for {limit:.1f}s")
             except Exception:  # noqa: BLE001 - keep the heartbeat alive, but say why

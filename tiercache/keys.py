@@ -25,12 +25,14 @@ _DIGEST_SIZE = 30  # 240 bits: 40 base64 characters
 class KeyCodec:
     """Turns keys into namespaced memcached keys, memoizing recent ones."""
 
-    __slots__ = ("namespace", "_prefix", "_memo")
+    __slots__ = ("namespace", "_prefix", "_memo", "encode_str")
 
     def __init__(self, namespace: str, *, memo_size: int = 65_536) -> None:
         self.namespace = namespace
         self._prefix = namespace + "|"
         self._memo = lru_cache(maxsize=memo_size)(self._encode)
+        # The memo itself, for callers that already know the key is a str.
+        self.encode_str = self._memo
 
     def encode(self, key: str | bytes) -> str:
         """Return the memcached key of ``key``.

@@ -70,8 +70,9 @@ class LocalTier:
     def get(self, key: str) -> Any:
         """Return the stored item for ``key`` or ``MISSING``; drop it if expired."""
         with self._lock:
-            entry = self._lru.get(key)
-            if entry is None:
+            try:
+                entry = self._lru[key]
+            except KeyError:
                 self.misses += 1
                 return MISSING
             if entry[0] <= self._clock():

@@ -381,20 +381,21 @@ class RemoteTier:
         if not self._usable(node):
             return DOWN
         try:
-            raw = self._run(node, lambda c: c.get(key))
-        except _FAULTS as exc:
+            found = self._run(node, lambda c: _get_one(c, key))
+        except (*_FAULTS, ValueError) as exc:
             self._fail(node, exc)
             return DOWN
-        if raw is None:
+        if found is None:
             self.misses += 1
             return None
-        value = self._decode_flags(raw)
-        if value is None:
+        flags, value = found
+        if flags != WIRE_FLAGS:
             # Another program's item: delete it, so this key can be filled.
+            self.undecodable += 1
             self.misses += 1
             self.delete_many([key])
-        else:
-            self.hits += 1
+            return None
+        self.hits += 1
         return value
 
     def get_many(self, keys: Iterable[str]) -> tuple[dict[str, bytes], set[str]]:
@@ -617,6 +618,27 @@ class RemoteTier:
         self._local = threading.local()
         for node in self.nodes:
             node.lock = threading.Lock()
+
+
+def _get_one(client: Client, key: str) -> tuple[int, bytes] | None:
+    """Read one key with the same parser as the pipelined multi-get.
+
+    pymemcache's own ``get`` checks the key and parses the reply line by
+    line; the key here is already a valid memcached key, and this path is
+    every L2 hit.
+    """
+    if client.sock is None:
+        # NOTE: pymemcache opens sockets lazily in a private method.
+        client._connect()
+    sock = client.sock
+    assert sock is not None
+    try:
+        sock.sendall(b"get " + key.encode("ascii") + b"\r\n")
+        values = _read_values(sock)
+    except BaseException:
+        client.close()
+        raise
+    return values.get(key)
 
 
 def _read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
