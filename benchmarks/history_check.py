@@ -46,11 +46,11 @@ from typing import Any
 import orjson
 import redis
 from pymemcache.client.base import Client as MemcacheClient
+
+from tiercache import MISSING, Settings, TieredCache
 from tiercache.adapters import key_bytes
 from tiercache.adapters.redis_channel import RedisChannel
 from tiercache.adapters.sqlite import SQLiteOrigin
-
-from tiercache import MISSING, Settings, TieredCache
 from tiercache.demo.zipf import ZipfSampler
 from tiercache.testing import MemcachedServer, RedisServer
 
