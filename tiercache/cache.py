@@ -16,12 +16,12 @@ import orjson
 from . import codec, signals
 from .channel import make_channel
 from .contracts import Channel, Origin
-from .decorator import CachedFunction
+from .decorator import CachedFunction, PrefixRegistry
 from .fill import NEGATIVE, UNPARSED, FillMixin, _Flight
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
 from .local import LocalTier
-from .namespace import Namespace, NamespaceVersions
+from .namespace import Namespace, NamespaceVersions, namespaced_wires
 from .remote import RemoteTier
 from .sentinel import MISSING
 from .settings import Settings
@@ -79,6 +79,7 @@ class TieredCache(FillMixin):
                 clock=clock,
             )
             self.bus.start()
+        self._prefixes = PrefixRegistry()
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
         self._refresher: concurrent.futures.ThreadPoolExecutor | None = None
@@ -213,7 +214,10 @@ class TieredCache(FillMixin):
 
         No memcached scan: the namespace's version changes, and keys of the
         old version are never read again (they expire or are evicted).
+
+        :raises ValueError: if ``name`` is empty or contains ``/``.
         """
+        Namespace(self, name)  # validates the name
         self.namespaces.bump(name)
 
     # -- decorator -----------------------------------------------------------------
@@ -235,7 +239,11 @@ class TieredCache(FillMixin):
         """
 
         def decorate(function: Callable[..., Any]) -> CachedFunction:
-            name = prefix or f"{function.__module__}.{function.__qualname__}"
+            if prefix is not None:
+                return CachedFunction(self, function, prefix, key, ttl)
+            name = _default_prefix(function, key)
+            if key is None:
+                self._prefixes.claim(name, function)
             return CachedFunction(self, function, name, key, ttl)
 
         return decorate
@@ -259,7 +267,7 @@ class TieredCache(FillMixin):
         codec.check_value(key, value)
         origin.store(key, value)  # type: ignore[arg-type]
         self.stores += 1
-        self._after_commit([wire], [key])
+        self._after_commit([wire, *namespaced_wires(self, key)], [key])
 
     def delete(self, key: str | bytes) -> None:
         """Delete ``key`` in the origin, then invalidate it everywhere."""
@@ -267,7 +275,7 @@ class TieredCache(FillMixin):
         wire = self.keys.encode(key)
         origin.delete(key)  # type: ignore[arg-type]
         self.stores += 1
-        self._after_commit([wire], [key])
+        self._after_commit([wire, *namespaced_wires(self, key)], [key])
 
     def invalidate(self, key: str | bytes) -> None:
         """Drop ``key`` from every tier in every process, without writing the origin.
@@ -280,6 +288,9 @@ class TieredCache(FillMixin):
         """Drop ``keys`` from every tier in every process."""
         keys = list(keys)
         wires = [self.keys.encode(key) for key in keys]
+        for key in keys:
+            if (b"/" if isinstance(key, bytes) else "/") in key:
+                wires.extend(namespaced_wires(self, key))
         if wires:
             self._after_commit(wires, keys)
 
@@ -399,6 +410,26 @@ class TieredCache(FillMixin):
         self.local.reset_after_fork()
         if self.bus is not None and not self._closed:
             self.bus.after_fork()
+
+
+def _default_prefix(
+    function: Callable[..., Any], key: Callable[..., str | bytes] | None
+) -> str:
+    """Return the key prefix of a decorated function: its module and qualified name.
+
+    :raises TypeError: if the function has no qualified name and ``key``
+        does not build the keys.
+    """
+    module = getattr(function, "__module__", None)
+    qualname = getattr(function, "__qualname__", None)
+    if module is None or qualname is None:
+        if key is not None:
+            return repr(function)
+        raise TypeError(
+            f"can't derive a cache key prefix for {function!r}, which has no "
+            f"qualified name; pass prefix= or key= to cached()"
+        )
+    return f"{module}.{qualname}"
 
 
 def _origin_from_url(settings: Settings) -> Origin | None:

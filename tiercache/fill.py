@@ -220,23 +220,40 @@ class FillMixin:
     ) -> Any:
         """Serve an L2 value, refreshing it in the background when due."""
         signals.send_robust(signals.hit, self, key=key, tier="remote")
-        fresh_until = found.envelope.fresh_until
         now = time.time()
-        if fresh_until and found.kind is KIND_JSON:
-            stale = now >= fresh_until and self.settings.stale_ttl > 0
-            if stale or self._refresh_early(found.envelope, now):
-                self._start_refresh(key, wire, loader, ttl)
-            if stale:
-                # Served at once, but not kept in L1: the refresh replaces it.
-                self.stale_served += 1
-                return found.item, found.value
+        if self._refresh_if_due(key, wire, loader, ttl, found, now):
+            # Served at once, but not kept in L1: the refresh replaces it.
+            return found.item, found.value
         if use_local:
             self._fill_local_from_remote(wire, found, token, now)
         return found.item, found.value
 
+    def _refresh_if_due(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        found: _Found,
+        now: float,
+    ) -> bool:
+        """Start a background refresh of a stale or soon-stale value.
+
+        :returns: whether the value is stale (past fresh, inside the window).
+        """
+        fresh_until = found.envelope.fresh_until
+        if not fresh_until or found.kind is not KIND_JSON:
+            return False
+        stale = now >= fresh_until and self.settings.stale_ttl > 0
+        if stale or self._refresh_early(found.envelope, now):
+            self._start_refresh(key, wire, loader, ttl)
+        if stale:
+            self.stale_served += 1
+        return stale
+
     def _refresh_early(self, envelope: codec.Envelope, now: float) -> bool:
-        # XFetch (Vattani et al., VLDB 2015): refresh before expiry with a
-        # probability that grows as expiry nears and with the load's cost.
+        # XFetch: refresh before expiry with a probability that grows as
+        # expiry nears and with the load's cost (gap = -load * beta * ln(u)).
         beta = self.settings.early_refresh_beta
         if not beta or not envelope.load_seconds:
             return False
@@ -254,6 +271,12 @@ class FillMixin:
     def _decode(self, wire: str, raw: bytes) -> Any:
         try:
             envelope = codec.unpack(raw)
+            if envelope.expires_at and time.time() >= envelope.expires_at:
+                # memcached counts whole seconds and may keep an item up to
+                # a second past its expiry: past the header's time, it's gone.
+                assert self.remote is not None
+                self.remote.delete_many([wire])
+                return MISSING
             if envelope.kind == KIND_JSON:
                 value = orjson.loads(envelope.body)
                 item = envelope.body if self.settings.local_copy else value
@@ -313,14 +336,31 @@ class FillMixin:
     def _fill_local_from_remote(
         self, wire: str, found: _Found, token: int, now: float
     ) -> None:
-        ttl = self.settings.local_ttl
         envelope = found.envelope
-        if envelope.fresh_until:
-            ttl = min(ttl, envelope.fresh_until - now)
-        elif envelope.expires_at:
+        ttl = self._local_ttl(
+            self.settings.local_ttl, envelope.fresh_until, envelope.load_seconds, now
+        )
+        if not envelope.fresh_until and envelope.expires_at:
             ttl = min(ttl, envelope.expires_at - now)
         if ttl > 0:
             self.local.fill(wire, found.item, found.size, ttl, token)
+
+    def _local_ttl(
+        self, ttl: float, fresh_until: float, load_seconds: float, now: float
+    ) -> float:
+        """Cap an L1 TTL so L1 keeps no entry past its fresh time.
+
+        With early refresh on, L1 also lets go a little before that (three
+        times the expected early-refresh lead), so reads reach L2, where
+        the early-refresh draw happens, while a refresh is still likely.
+        """
+        if not fresh_until:
+            return ttl
+        ttl = min(ttl, fresh_until - now)
+        beta = self.settings.early_refresh_beta
+        if beta and load_seconds:
+            ttl = min(ttl, fresh_until - now - 3 * beta * load_seconds)
+        return ttl
 
     def _call_loader(
         self, key: str | bytes, loader: Callable[[Any], Any] | None
@@ -382,6 +422,8 @@ class FillMixin:
         if ttls.remote:
             fresh_until = now + ttls.remote
             expires_at = fresh_until + self.settings.stale_ttl
+            local = self._local_ttl(ttls.local, fresh_until, load_seconds, now)
+            ttls = _Ttl(ttls.remote, local, ttls.cacheable)
         payload = codec.pack_value(
             body,
             compress_threshold=self.settings.compress_threshold,
@@ -424,7 +466,7 @@ class FillMixin:
         if lease is not None:
             expire = self._remote_expire(ttls, item is NEGATIVE)
             self._fill_remote(wire, lease, payload, expire)
-        if use_local:
+        if use_local and ttls.local > 0:
             self.local.fill(wire, item, size, ttls.local, token)
         signals.send_robust(signals.fill, self, key=key, tier="local")
         return item, caller_value
@@ -498,12 +540,16 @@ class FillMixin:
         assert self.remote is not None
         token = self.local.begin_fill()
         try:
-            # The cas token is read before loading: a write-through deletes
-            # the key, so a refresh that loaded the old row can't store it.
+            # The stale item and its cas token are read before loading: a
+            # write-through deletes the key, so a refresh that loaded the old
+            # row can't store it. The item is compared again before the cas,
+            # because memcached restarts its cas counter when it restarts,
+            # and a new item could get the same token.
             current = self.remote.gets(wire)
             if current is DOWN or current[1] is None:  # type: ignore[index]
                 return
-            cas = current[1]  # type: ignore[index]
+            stale, cas = current  # type: ignore[misc]
+            assert cas is not None
             started = time.monotonic()
             value = self._call_loader(key, loader)
             load_seconds = time.monotonic() - started
@@ -511,11 +557,13 @@ class FillMixin:
             if not ttls.cacheable or self._too_large(wire, payload):
                 return
             expire = self._remote_expire(ttls, item is NEGATIVE)
-            if not self.remote.cas(wire, payload, cas, expire):
+            if self.remote.gets(wire) != (stale, cas) or not self.remote.cas(
+                wire, payload, cas, expire
+            ):
                 self.stale_fills_dropped += 1
                 return
             self.refreshes += 1
-            if self.bus is None or not self.bus.bypass_local:
+            if (self.bus is None or not self.bus.bypass_local) and ttls.local > 0:
                 self.local.fill(wire, item, size, ttls.local, token)
         except Exception:  # noqa: BLE001 - nobody waits on a background refresh
             self.refresh_errors += 1
@@ -545,11 +593,15 @@ class FillMixin:
                 if decoded is MISSING or decoded.kind is KIND_LEASE:
                     to_load.append(wire)
                     continue
-                signals.send_robust(signals.hit, self, key=wires[wire], tier="remote")
-                if use_local:
+                key = wires[wire]
+                signals.send_robust(signals.hit, self, key=key, tier="remote")
+                stale = self._refresh_if_due(
+                    key, wire, _single_loader(loader), ttl, decoded, now
+                )
+                if use_local and not stale:
                     self._fill_local_from_remote(wire, decoded, token, now)
                 if decoded.item is not NEGATIVE:
-                    result[wires[wire]] = decoded.value
+                    result[key] = decoded.value
             # NOTE: one add per key; a batch that misses everywhere costs a
             # round trip per key here, on top of the origin's single query.
             leased_elsewhere: list[str] = []
@@ -640,3 +692,17 @@ class FillMixin:
         if self.origin is not None:
             return self.origin.load_many(keys)
         return {}
+
+
+def _single_loader(
+    loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+) -> Callable[[Any], Any] | None:
+    """Adapt a batch loader to the one-key loader a background refresh calls."""
+    if loader is None:
+        return None
+    many = loader
+
+    def load_one(key: Any) -> Any:
+        return many([key]).get(key, MISSING)
+
+    return load_one

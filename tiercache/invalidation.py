@@ -85,6 +85,7 @@ class InvalidationBus:
         self._on_namespace = on_namespace
         self._clock = clock
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._new_identity()
         self.sent = 0
         self.received = 0
@@ -142,6 +143,7 @@ class InvalidationBus:
     def after_fork(self) -> None:
         """Take a new sender id and subscription in a forked child."""
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._new_identity()
         self.channel.after_fork()
         self.start()
@@ -190,10 +192,23 @@ class InvalidationBus:
         return self._send("flush", [])
 
     def _send(self, kind: str, keys: list[str]) -> bool:
-        with self._lock:
-            if kind != "hb":
-                self._seq += 1
-            message = Message(kind, self.sender_id, self._seq, time.time(), tuple(keys))  # type: ignore[arg-type]
+        # Numbering and publishing under one lock keeps this process's
+        # messages in number order on the channel: a receiver reads any
+        # number out of order as a lost message and flushes its L1.
+        with self._publish_lock:
+            with self._lock:
+                if kind != "hb":
+                    self._seq += 1
+                message = Message(
+                    kind,  # type: ignore[arg-type]
+                    self.sender_id,
+                    self._seq,
+                    time.time(),
+                    tuple(keys),
+                )
+            return self._publish(kind, message)
+
+    def _publish(self, kind: str, message: Message) -> bool:
         try:
             self.channel.publish(message.encode())
         except Exception as exc:  # noqa: BLE001 - any driver error; the write committed

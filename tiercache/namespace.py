@@ -13,6 +13,7 @@ read the new version at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -20,12 +21,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import codec
+from .errors import RemoteTierError
 from .remote import DOWN
 from .sentinel import MISSING
 from .ttl import DEFAULT_TTL, TtlArg, check_ttl
 
 if TYPE_CHECKING:
     from .cache import TieredCache
+
+log = logging.getLogger(__name__)
 
 _SEPARATOR = "/"
 
@@ -42,22 +46,36 @@ class NamespaceVersions:
         self._lock = threading.Lock()
         # version key -> (name, version, monotonic time it was read)
         self._known: dict[str, tuple[str, str, float]] = {}
+        # Bumped whenever a known version is dropped or replaced, so a read
+        # that raced such a change doesn't store the version it replaced.
+        self._generation = 0
 
     def current(self, name: str) -> str:
         """Return the version of ``name``, reading or creating it in memcached."""
         cache = self._cache
         version_key = cache.keys.version_key(name)
-        now = time.monotonic()
-        with self._lock:
-            known = self._known.get(version_key)
-        if known is not None and now - known[2] < cache.settings.local_ttl:
-            return known[1]
-        version = self._read(version_key)
-        with self._lock:
-            self._known[version_key] = (name, version, now)
-        return version
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                known = self._known.get(version_key)
+                generation = self._generation
+            if known is not None and now - known[2] < cache.settings.local_ttl:
+                return known[1]
+            version = self._read(name, version_key)
+            if version is None:
+                # memcached is unreachable: a version of this process's own
+                # keeps entries apart, and nothing is filled under it in L2.
+                return _new_version()
+            with self._lock:
+                if self._generation == generation:
+                    self._known[version_key] = (name, version, now)
+                    return version
 
-    def _read(self, version_key: str) -> str:
+    def _read(self, name: str, version_key: str) -> str | None:
+        """Read ``name``'s version from memcached, creating it if missing.
+
+        :returns: the version, or ``None`` when memcached can't be reached.
+        """
         remote = self._cache.remote
         if remote is None:
             # NOTE: without memcached, versions live in this process only.
@@ -69,36 +87,120 @@ class NamespaceVersions:
             if isinstance(raw, bytes):
                 return raw.decode("ascii")
             if raw is DOWN:
-                break
+                return None
             version = _new_version()
             if remote.add(version_key, version.encode("ascii"), None) is True:
+                # A missing version key (first use, eviction, a memcached
+                # restart) may leave other processes on an older version:
+                # tell them to read this one.
+                self._announce(version_key)
                 return version
-        # memcached is unreachable: a version of this process's own keeps
-        # entries apart until the server is back.
-        return _new_version()
+        return None
+
+    def versions_for_write(self, name: str) -> set[str] | None:
+        """Return every version a reader may still use for ``name``.
+
+        That is the one this process knows and the one in memcached now,
+        read afresh. ``None`` when memcached can't be reached.
+        """
+        version_key = self._cache.keys.version_key(name)
+        with self._lock:
+            known = self._known.get(version_key)
+        versions = set() if known is None else {known[1]}
+        fresh = self._read(name, version_key)
+        if fresh is None:
+            return None
+        versions.add(fresh)
+        return versions
+
+    def existing_versions(self, name: str) -> set[str]:
+        """Return the versions of ``name`` in use, creating none.
+
+        That is the one this process knows and the one memcached stores, if
+        either exists.
+        """
+        version_key = self._cache.keys.version_key(name)
+        with self._lock:
+            known = self._known.get(version_key)
+        versions = set() if known is None else {known[1]}
+        remote = self._cache.remote
+        if remote is not None:
+            raw = remote.get(version_key)
+            if isinstance(raw, bytes):
+                versions.add(raw.decode("ascii"))
+        return versions
 
     def bump(self, name: str) -> None:
-        """Give ``name`` a new version here, in memcached and in every process."""
+        """Give ``name`` a new version here, in memcached and in every process.
+
+        If memcached can't store the new version, the version key is
+        deleted the way a lost delete is (queued, recorded and broadcast),
+        so every process creates a fresh version once the server is back.
+        """
         cache = self._cache
         version_key = cache.keys.version_key(name)
         version = _new_version()
         with self._lock:
+            self._generation += 1
             self._known[version_key] = (name, version, time.monotonic())
-        if cache.remote is not None:
-            cache.remote.set(version_key, version.encode("ascii"), None)
-        if cache.bus is not None:
-            cache.bus.publish_namespace([version_key])
+        remote = cache.remote
+        if remote is not None and not remote.set(
+            version_key, version.encode("ascii"), None
+        ):
+            recorded = remote.can_record_tombstone(version_key)
+            cache._after_commit([version_key], [])
+            self._announce(version_key)
+            if not recorded:
+                raise RemoteTierError(
+                    f"namespace {name!r} was invalidated in this process and "
+                    f"announced, but memcached could not store its new version "
+                    f"and no other server can record that: processes that "
+                    f"start before it is back may read the old entries; retry "
+                    f"invalidate_namespace() once memcached is reachable"
+                )
+            return
+        self._announce(version_key)
+
+    def _announce(self, version_key: str) -> None:
+        if self._cache.bus is not None:
+            self._cache.bus.publish_namespace([version_key])
 
     def forget(self, version_keys: Iterable[str]) -> None:
         """Drop versions another process changed; they are read again on use."""
         with self._lock:
+            self._generation += 1
             for version_key in version_keys:
                 self._known.pop(version_key, None)
 
     def forget_all(self) -> None:
         """Drop every known version, after messages may have been lost."""
         with self._lock:
+            self._generation += 1
             self._known.clear()
+
+
+def namespaced_wires(cache: TieredCache, key: str | bytes) -> list[str]:
+    """Return the namespaced keys that share the origin row of plain ``key``.
+
+    The origin stores key ``k`` of namespace ``n`` as ``n/k``, so a plain
+    write of ``"n/k"`` must also invalidate the entry of ``("n", "k")``
+    under every version in use.
+    """
+    if isinstance(key, str):
+        name, separator, rest = key.partition(_SEPARATOR)
+        inner: str | bytes = rest
+    else:
+        raw_name, separator_bytes, raw_rest = key.partition(b"/")
+        separator = separator_bytes.decode()
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            return []
+        inner = raw_rest
+    if not separator or not name:
+        return []
+    versions = cache.namespaces.existing_versions(name)
+    return [cache.keys.encode_namespaced(name, v, inner) for v in sorted(versions)]
 
 
 class Namespace:
@@ -173,24 +275,41 @@ class Namespace:
         cache = self.cache
         origin = cache._require_origin("set")
         codec.check_value(key, value)
-        wire = self._wire(key, cache.namespaces.current(self.name))
         origin.store(self.origin_key(key), value)  # type: ignore[arg-type]
         cache.stores += 1
-        cache._after_commit([wire], [key])
+        self._invalidate_written(key)
 
     def delete(self, key: str | bytes) -> None:
         """Delete ``key`` of this namespace in the origin and every tier."""
         cache = self.cache
         origin = cache._require_origin("delete")
-        wire = self._wire(key, cache.namespaces.current(self.name))
         origin.delete(self.origin_key(key))  # type: ignore[arg-type]
         cache.stores += 1
-        cache._after_commit([wire], [key])
+        self._invalidate_written(key)
 
     def invalidate(self, key: str | bytes) -> None:
         """Drop ``key`` of this namespace from every tier in every process."""
-        wire = self._wire(key, self.cache.namespaces.current(self.name))
-        self.cache._after_commit([wire], [key])
+        self._invalidate_written(key)
+
+    def _invalidate_written(self, key: str | bytes) -> None:
+        # A reader may still use the version this process knows or the one
+        # in memcached now, so both keys are invalidated. If memcached can't
+        # tell the current version, the whole namespace is bumped instead.
+        versions = self.cache.namespaces.versions_for_write(self.name)
+        if versions is None:
+            try:
+                self.cache.invalidate_namespace(self.name)
+            except RemoteTierError as exc:
+                # The origin committed: the write stands, and every process
+                # heard the bump. Only late starters are at risk (see the
+                # message); a write is not reported as failed after commit.
+                self.cache.invalidations_failed += 1
+                log.warning("namespace write of %r: %s", self.name, exc)
+            return
+        wires = [self._wire(key, version) for version in sorted(versions)]
+        # The same origin row is also the plain key "<name>/<key>".
+        wires.append(self.cache.keys.encode(self.origin_key(key)))
+        self.cache._after_commit(wires, [key] * len(wires))
 
     def invalidate_all(self) -> None:
         """Drop every entry of this namespace, in every process."""

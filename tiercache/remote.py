@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import types
 import weakref
 import zlib
 from collections.abc import Callable, Iterable
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 
 _POINTS_PER_SERVER = 160
 _PENDING_DELETES_MAX = 100_000
+
+# The last expiry memcached can store: a signed 32-bit Unix time.
+MEMCACHED_EXPIRY_MAX = 2**31 - 1
+
+# Keys per request to one server in a batch; each request has its own deadline.
+BATCH_KEYS = 1000
 
 # Bytes memcached counts against its item size limit beyond the key and the
 # value: 59 measured on memcached 1.6.18, rounded up for other versions.
@@ -90,6 +97,9 @@ _FAULTS = (OSError, socket.timeout, MemcacheError)
 _CLOSED = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
 # Joins the keys of a tombstone record; memcached keys never contain it.
 _TOMBSTONE_SEPARATOR = b" "
+# Stands in a tombstone record for "flush the server"; no cache key starts
+# with "!" because every key starts with its namespace.
+_TOMBSTONE_FLUSH = b"!flush"
 _T = TypeVar("_T")
 
 
@@ -106,8 +116,47 @@ def memcached_expire(ttl: float | None, *, now: float | None = None) -> int:
         raise ValueError(f"ttl must be positive to store, got {ttl!r}")
     seconds = math.ceil(ttl)
     if seconds > MEMCACHED_RELATIVE_TTL_MAX:
-        return int(time.time() if now is None else now) + seconds
+        # memcached keeps the expiry as a signed 32-bit Unix time: later
+        # moments (past January 2038) would wrap to the past, so clamp.
+        absolute = int(time.time() if now is None else now) + seconds
+        return min(absolute, MEMCACHED_EXPIRY_MAX)
     return seconds
+
+
+_deadline = threading.local()
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose reads give up at the deadline of the current command.
+
+    A per-read timeout alone lets a server that trickles a reply one byte
+    at a time hold a command far longer than ``read_timeout``.
+    """
+
+    _base_timeout: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._base_timeout = value
+        super().settimeout(value)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        super().settimeout(self._base_timeout)
+        super().sendall(data, flags)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        deadline: float | None = getattr(_deadline, "at", None)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("memcached command deadline passed")
+            base = self._base_timeout
+            super().settimeout(remaining if base is None else min(remaining, base))
+        return super().recv(size, flags)
+
+
+# The socket module as pymemcache uses it, with the socket class replaced.
+_SOCKET_MODULE = types.SimpleNamespace(**vars(socket))
+_SOCKET_MODULE.socket = _DeadlineSocket
 
 
 class Node:
@@ -135,6 +184,7 @@ class Node:
             timeout=self._settings.read_timeout,
             no_delay=True,
             default_noreply=False,
+            socket_module=_SOCKET_MODULE,
         )
 
     def is_down(self, now: float) -> bool:
@@ -160,6 +210,7 @@ class RemoteTier:
         self.skipped_down = 0
         self.too_large = 0
         self.deletes_queued = 0
+        self.tombstones_unverified = 0
         _INSTANCES.add(self)
 
     # -- placement ---------------------------------------------------------
@@ -206,6 +257,13 @@ class RemoteTier:
         """
         client = self._client(node)
         reused = client.sock is not None
+        # Each command, retry included, must finish within read_timeout
+        # (plus connect_timeout if it connects): see _DeadlineSocket.
+        _deadline.at = (
+            time.monotonic()
+            + self.settings.read_timeout
+            + self.settings.connect_timeout
+        )
         try:
             return command(client)
         except _CLOSED:
@@ -218,6 +276,8 @@ class RemoteTier:
             # request; the socket is out of step, so it must not be reused.
             self._close(node)
             raise MemcacheUnknownError(f"unexpected reply: {exc!r}") from exc
+        finally:
+            _deadline.at = None
 
     # -- health -------------------------------------------------------------
 
@@ -244,7 +304,7 @@ class RemoteTier:
                 if _FLUSH_MARK in pending:
                     self._run(node, lambda c: c.flush_all(noreply=False))
                 elif pending:
-                    self._run(node, lambda c: c.delete_many(pending, noreply=False))
+                    self._delete_on(node, pending)
                 else:
                     self._run(node, lambda c: c.version())
             except _FAULTS as exc:
@@ -302,6 +362,11 @@ class RemoteTier:
         index = self.nodes.index(node)
         return self.nodes[(index + 1) % len(self.nodes)]
 
+    def can_record_tombstone(self, key: str) -> bool:
+        """Tell whether a missed delete of ``key`` could be recorded now."""
+        home = self._tombstone_home(self.node_for(key))
+        return home is not None and not home.is_down(time.monotonic())
+
     def _record_tombstone(self, node: Node, keys: list[str]) -> None:
         home = self._tombstone_home(node)
         if home is None or home.is_down(time.monotonic()):
@@ -310,15 +375,25 @@ class RemoteTier:
             return
         data = _TOMBSTONE_SEPARATOR.join(key.encode("ascii") for key in keys)
         expire = memcached_expire(self._tombstone_ttl())
+        key = node.tombstone_key
         try:
             appended = self._run(
-                home,
-                lambda c: c.append(
-                    node.tombstone_key, _TOMBSTONE_SEPARATOR + data, expire
-                ),
+                home, lambda c: c.append(key, _TOMBSTONE_SEPARATOR + data, expire)
             )
-            if not appended:
-                self._run(home, lambda c: c.add(node.tombstone_key, data, expire))
+            if not appended and self._run(home, lambda c: c.add(key, data, expire)):
+                return
+            if appended:
+                return
+        except MemcacheServerError:
+            pass
+        except _FAULTS as exc:
+            self._fail(home, exc)
+            return
+        # The record exists but took no more (memcached answers NOT_STORED
+        # to an append past its item size): replace it with the mark that
+        # makes every process flush the server before use.
+        try:
+            self._run(home, lambda c: c.set(key, _TOMBSTONE_FLUSH, expire))
         except _FAULTS as exc:
             self._fail(home, exc)
 
@@ -327,26 +402,48 @@ class RemoteTier:
         return None if ttl is None else ttl + self.settings.stale_ttl
 
     def _check_tombstones(self, node: Node) -> bool:
-        """Replay deletes recorded for ``node``; ``False`` if the server failed."""
+        """Replay deletes recorded for ``node``.
+
+        When the record's server is down, ``node`` is used anyway, unchecked,
+        and the record is read on a later use once that server is back: a
+        node can't lose both its own deletes and its record at once without
+        two failures, and making every neighbour of a dead server unusable
+        would turn one dead server into two.
+
+        :returns: ``False`` if ``node`` itself failed while replaying.
+        """
         home = self._tombstone_home(node)
         record: Any = None
-        if home is not None and not home.is_down(time.monotonic()):
+        if home is not None:
+            if home.is_down(time.monotonic()):
+                # NOTE: during this window a value the node missed a delete
+                # of can be served (a double fault: node and record's server).
+                self.tombstones_unverified += 1
+                return True
             try:
                 record = self._run(home, lambda c: c.get(node.tombstone_key))
             except _FAULTS as exc:
                 self._fail(home, exc)
+                self.tombstones_unverified += 1
+                return True
         if isinstance(record, bytes) and record:
-            keys = [
-                key.decode("ascii") for key in record.split(_TOMBSTONE_SEPARATOR) if key
-            ]
             try:
-                self._run(node, lambda c: c.delete_many(keys, noreply=False))
+                self._replay_record(node, record)
             except _FAULTS as exc:
                 self._fail(node, exc)
                 return False
-            log.debug("replayed %d recorded deletes on %s", len(keys), node.address)
         node.tombstones_checked = True
         return True
+
+    def _replay_record(self, node: Node, record: bytes) -> None:
+        keys = [part for part in record.split(_TOMBSTONE_SEPARATOR) if part]
+        if _TOMBSTONE_FLUSH in keys:
+            self._run(node, lambda c: c.flush_all(noreply=False))
+            log.warning("flushed %s: too many deletes were recorded", node.address)
+            return
+        names = [key.decode("ascii") for key in keys]
+        self._delete_on(node, names)
+        log.debug("replayed %d recorded deletes on %s", len(names), node.address)
 
     def recheck_tombstones(self) -> None:
         """Replay recorded deletes again before each server's next use.
@@ -412,7 +509,6 @@ class RemoteTier:
             by_node.setdefault(self.node_for(key), []).append(key)
         found: dict[str, bytes] = {}
         down: set[str] = set()
-        sent: list[tuple[Node, Client, list[str], bool]] = []
         foreign: list[str] = []
         # Health checks may send commands of their own (tombstone reads on
         # another server), so they all run before any request is pipelined.
@@ -420,7 +516,47 @@ class RemoteTier:
         for node, node_keys in by_node.items():
             if not usable[node]:
                 down.update(node_keys)
-                continue
+        # Large batches go in rounds of BATCH_KEYS keys per server, each
+        # with its own deadline, so their cost grows with their size
+        # instead of timing out a healthy server.
+        rounds = max(
+            (len(node_keys) + BATCH_KEYS - 1) // BATCH_KEYS
+            for node_keys in by_node.values()
+        )
+        for start in range(0, rounds * BATCH_KEYS, BATCH_KEYS):
+            chunk = {
+                node: node_keys[start : start + BATCH_KEYS]
+                for node, node_keys in by_node.items()
+                if usable[node] and node_keys[start : start + BATCH_KEYS]
+            }
+            try:
+                self._get_many_pipelined(chunk, found, down, foreign)
+            finally:
+                _deadline.at = None
+            for node in chunk:
+                if node.is_down(time.monotonic()):
+                    usable[node] = False
+                    down.update(by_node[node][start + BATCH_KEYS :])
+        if foreign:
+            self.delete_many(foreign)
+        self.hits += len(found)
+        self.misses += sum(len(k) for k in by_node.values()) - len(found) - len(down)
+        return found, down
+
+    def _get_many_pipelined(
+        self,
+        by_node: dict[Node, list[str]],
+        found: dict[str, bytes],
+        down: set[str],
+        foreign: list[str],
+    ) -> None:
+        """Send one request to each server of ``by_node``, then read each reply."""
+        settings = self.settings
+        _deadline.at = (
+            time.monotonic() + settings.read_timeout + settings.connect_timeout
+        )
+        sent: list[tuple[Node, Client, list[str], bool]] = []
+        for node, node_keys in by_node.items():
             client = self._client(node)
             reused = client.sock is not None
             request = ("get " + " ".join(node_keys) + "\r\n").encode("ascii")
@@ -457,11 +593,6 @@ class RemoteTier:
                     foreign.append(key)
                 else:
                     found[key] = data
-        if foreign:
-            self.delete_many(foreign)
-        self.hits += len(found)
-        self.misses += sum(len(k) for k in by_node.values()) - len(found) - len(down)
-        return found, down
 
     def _get_many_again(
         self, node: Node, keys: list[str]
@@ -580,7 +711,9 @@ class RemoteTier:
         return delivered
 
     def _delete_on(self, node: Node, keys: list[str]) -> None:
-        self._run(node, lambda c: c.delete_many(keys, noreply=False))
+        # In rounds, each with its own deadline, like get_many.
+        for start in range(0, len(keys), BATCH_KEYS):
+            self._run(node, _delete_chunk(keys[start : start + BATCH_KEYS]))
 
     def queue_lost_deletes(self, keys: Iterable[str]) -> None:
         """Queue deletes another process could not deliver, for replay before use.
@@ -618,6 +751,13 @@ class RemoteTier:
         self._local = threading.local()
         for node in self.nodes:
             node.lock = threading.Lock()
+
+
+def _delete_chunk(keys: list[str]) -> Callable[[Client], None]:
+    def delete(client: Client) -> None:
+        client.delete_many(keys, noreply=False)
+
+    return delete
 
 
 def _get_one(client: Client, key: str) -> tuple[int, bytes] | None:

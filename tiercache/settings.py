@@ -156,11 +156,18 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
     ):
         fail("memcached_servers", "a sequence of 'host:port' or unix socket paths")
     object.__setattr__(settings, "memcached_servers", tuple(settings.memcached_servers))
+    seen: dict[object, str] = {}
     for server in settings.memcached_servers:
         try:
-            parse_server(server)
+            parsed = parse_server(server)
         except ValueError as exc:
             fail("memcached_servers", f"'host:port' or a unix socket path ({exc})")
+        if parsed in seen:
+            fail(
+                "memcached_servers",
+                f"each server once ({server!r} repeats {seen[parsed]!r})",
+            )
+        seen[parsed] = server
     if not isinstance(settings.namespace, str) or not _NAMESPACE_RE.fullmatch(
         settings.namespace
     ):
@@ -226,7 +233,10 @@ def parse_server(server: str) -> tuple[str, int] | str:
     if not isinstance(server, str) or not server:
         raise ValueError(f"{server!r} is not a server address")
     if server.startswith("/") or server.startswith("unix:"):
-        return server.removeprefix("unix:")
+        path = server.removeprefix("unix:")
+        if not path:
+            raise ValueError(f"{server!r} has an empty socket path")
+        return path
     host, sep, port_text = server.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{server!r} has no port")

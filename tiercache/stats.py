@@ -57,6 +57,7 @@ def snapshot(cache: TieredCache) -> dict[str, Any]:
             "node_downs": remote.node_downs,
             "skipped_down": remote.skipped_down,
             "deletes_queued": remote.deletes_queued,
+            "tombstones_unverified": remote.tombstones_unverified,
             "refused_stores": remote.too_large,
             "undecodable_flags": remote.undecodable,
         }
