@@ -289,8 +289,7 @@ class TieredCache(FillMixin):
         keys = list(keys)
         wires = [self.keys.encode(key) for key in keys]
         for key in keys:
-            if (b"/" if isinstance(key, bytes) else "/") in key:
-                wires.extend(namespaced_wires(self, key))
+            wires.extend(namespaced_wires(self, key))
         if wires:
             self._after_commit(wires, keys)
 

@@ -199,6 +199,7 @@ def namespaced_wires(cache: TieredCache, key: str | bytes) -> list[str]:
         inner = raw_rest
     if not separator or not name:
         return []
+    # NOTE: a key with "/" costs one memcached read of the namespace version.
     versions = cache.namespaces.existing_versions(name)
     return [cache.keys.encode_namespaced(name, v, inner) for v in sorted(versions)]
 
