@@ -21,6 +21,7 @@ from procs import SPAWN, CacheProcess, CacheSpec, start_processes, wait_until
 from pymemcache.client.base import Client as MemcacheClient
 
 from tiercache import Settings, TieredCache, codec
+from tiercache.remote import BATCH_KEYS
 from tiercache.testing import MemcachedServer, RedisServer
 
 # Seconds within which another process must drop its L1 copy after a write.
@@ -417,11 +418,19 @@ def wires_by_server(cache: TieredCache, keys: Iterable[str]) -> dict[str, list[s
 
 
 def request_sizes(cache: TieredCache, keys: Iterable[str]) -> dict[str, int]:
-    """Return the bytes of one ``get`` request per server for ``keys``."""
-    return {
-        address: len(("get " + " ".join(wires) + "\r\n").encode("ascii"))
-        for address, wires in wires_by_server(cache, keys).items()
-    }
+    """Return the bytes of the ``get`` requests each server receives for ``keys``.
+
+    A batch goes to each server in requests of at most BATCH_KEYS keys.
+    """
+    sizes: dict[str, int] = {}
+    for address, wires in wires_by_server(cache, keys).items():
+        sizes[address] = sum(
+            len(
+                ("get " + " ".join(wires[start : start + BATCH_KEYS]) + "\r\n").encode()
+            )
+            for start in range(0, len(wires), BATCH_KEYS)
+        )
+    return sizes
 
 
 def fill_raw(cache: TieredCache, servers: list[MemcachedServer], values: dict) -> None:
