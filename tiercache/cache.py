@@ -183,14 +183,18 @@ class TieredCache(FillMixin):
         result: dict[Any, Any] = {}
         use_local = self.bus is None or not self.bus.bypass_local
         missing: list[str] = []
-        for wire, key in wires.items():
-            item = self.local.get(wire) if use_local else MISSING
-            if item is MISSING:
-                missing.append(wire)
-                continue
-            signals.send_robust(signals.hit, self, key=key, tier="local")
-            if item is not NEGATIVE:
-                result[key] = self._hand_out(item)
+        if not use_local:
+            missing = list(wires)
+        else:
+            items = self.local.get_many(list(wires))
+            for (wire, key), item in zip(wires.items(), items, strict=True):
+                if item is MISSING:
+                    missing.append(wire)
+                    continue
+                if signals.hit.receivers:
+                    signals.send_robust(signals.hit, self, key=key, tier="local")
+                if item is not NEGATIVE:
+                    result[key] = self._hand_out(item)
         if not missing:
             return result
         token = self.local.begin_fill()

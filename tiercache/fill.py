@@ -336,14 +336,19 @@ class FillMixin:
     def _fill_local_from_remote(
         self, wire: str, found: _Found, token: int, now: float
     ) -> None:
+        ttl = self._remote_local_ttl(found, now)
+        if ttl > 0:
+            self.local.fill(wire, found.item, found.size, ttl, token)
+
+    def _remote_local_ttl(self, found: _Found, now: float) -> float:
+        """Return the L1 TTL of a value read from L2: never past its L2 life."""
         envelope = found.envelope
         ttl = self._local_ttl(
             self.settings.local_ttl, envelope.fresh_until, envelope.load_seconds, now
         )
         if not envelope.fresh_until and envelope.expires_at:
             ttl = min(ttl, envelope.expires_at - now)
-        if ttl > 0:
-            self.local.fill(wire, found.item, found.size, ttl, token)
+        return ttl
 
     def _local_ttl(
         self, ttl: float, fresh_until: float, load_seconds: float, now: float
@@ -587,6 +592,7 @@ class FillMixin:
             found, down = self.remote.get_many(missing)
             now = time.time()
             to_load: list[str] = []
+            backfill: list[tuple[str, Any, int, float]] = []
             for wire in missing:
                 raw = found.get(wire)
                 decoded = self._decode(wire, raw) if raw is not None else MISSING
@@ -594,14 +600,19 @@ class FillMixin:
                     to_load.append(wire)
                     continue
                 key = wires[wire]
-                signals.send_robust(signals.hit, self, key=key, tier="remote")
+                if signals.hit.receivers:
+                    signals.send_robust(signals.hit, self, key=key, tier="remote")
                 stale = self._refresh_if_due(
                     key, wire, _single_loader(loader), ttl, decoded, now
                 )
                 if use_local and not stale:
-                    self._fill_local_from_remote(wire, decoded, token, now)
+                    ttl = self._remote_local_ttl(decoded, now)
+                    if ttl > 0:
+                        backfill.append((wire, decoded.item, decoded.size, ttl))
                 if decoded.item is not NEGATIVE:
                     result[key] = decoded.value
+            if backfill:
+                self.local.fill_many(backfill, token)
             # NOTE: one add per key; a batch that misses everywhere costs a
             # round trip per key here, on top of the origin's single query.
             leased_elsewhere: list[str] = []

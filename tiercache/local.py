@@ -117,20 +117,55 @@ class LocalTier:
         :param ttl: seconds; the caller caps it at the local TTL.
         :returns: whether the item was stored.
         """
-        charged = size + len(key) + ENTRY_OVERHEAD
         with self._lock:
-            if self._flushed_at > token or self._invalidated.get(key, -1) > token:
-                self.dropped_fills += 1
-                return False
-            if charged > self.max_bytes:
-                self.oversized += 1
-                self._lru.pop(key, None)
-                return False
-            self._lru[key] = (self._clock() + ttl, item, charged)
-            while len(self._lru) > self.max_entries:
-                self._lru.popitem()
-            self.fills += 1
-            return True
+            return self._fill_locked(key, item, size, self._clock() + ttl, token)
+
+    def fill_many(self, entries: list[tuple[str, Any, int, float]], token: int) -> None:
+        """Store ``(key, item, size, ttl)`` entries like :meth:`fill`, in one lock."""
+        with self._lock:
+            now = self._clock()
+            for key, item, size, ttl in entries:
+                self._fill_locked(key, item, size, now + ttl, token)
+
+    def _fill_locked(
+        self, key: str, item: Any, size: int, expires_at: float, token: int
+    ) -> bool:
+        charged = size + len(key) + ENTRY_OVERHEAD
+        if self._flushed_at > token or self._invalidated.get(key, -1) > token:
+            self.dropped_fills += 1
+            return False
+        if charged > self.max_bytes:
+            self.oversized += 1
+            self._lru.pop(key, None)
+            return False
+        self._lru[key] = (expires_at, item, charged)
+        while len(self._lru) > self.max_entries:
+            self._lru.popitem()
+        self.fills += 1
+        return True
+
+    def get_many(self, keys: list[str]) -> list[Any]:
+        """Return the item or ``MISSING`` for each key, under one lock."""
+        items: list[Any] = []
+        with self._lock:
+            now = self._clock()
+            lru = self._lru
+            for key in keys:
+                try:
+                    entry = lru[key]
+                except KeyError:
+                    self.misses += 1
+                    items.append(MISSING)
+                    continue
+                if entry[0] <= now:
+                    del lru[key]
+                    self.expirations += 1
+                    self.misses += 1
+                    items.append(MISSING)
+                    continue
+                self.hits += 1
+                items.append(entry[1])
+        return items
 
     def invalidate(self, keys: Iterable[str]) -> int:
         """Evict ``keys`` and void fills of them that are in flight.
