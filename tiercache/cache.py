@@ -16,7 +16,7 @@ import orjson
 from . import codec, signals
 from .channel import make_channel
 from .contracts import Channel, Origin
-from .decorator import CachedFunction, PrefixRegistry
+from .decorator import CachedFunction
 from .fill import NEGATIVE, UNPARSED, FillMixin, _Flight
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
@@ -79,7 +79,6 @@ class TieredCache(FillMixin):
                 clock=clock,
             )
             self.bus.start()
-        self._prefixes = PrefixRegistry()
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
         self._refresher: concurrent.futures.ThreadPoolExecutor | None = None
@@ -243,11 +242,7 @@ class TieredCache(FillMixin):
         """
 
         def decorate(function: Callable[..., Any]) -> CachedFunction:
-            if prefix is not None:
-                return CachedFunction(self, function, prefix, key, ttl)
-            name = _default_prefix(function, key)
-            if key is None:
-                self._prefixes.claim(name, function)
+            name = prefix if prefix is not None else _default_prefix(function, key)
             return CachedFunction(self, function, name, key, ttl)
 
         return decorate
@@ -420,8 +415,10 @@ def _default_prefix(
 ) -> str:
     """Return the key prefix of a decorated function: its module and qualified name.
 
-    :raises TypeError: if the function has no qualified name and ``key``
-        does not build the keys.
+    :raises TypeError: if ``key`` doesn't build the keys and the function
+        has no qualified name, or one other functions can share: a lambda or
+        a nested function (closures of one factory, in any process, would
+        read each other's results).
     """
     module = getattr(function, "__module__", None)
     qualname = getattr(function, "__qualname__", None)
@@ -431,6 +428,12 @@ def _default_prefix(
         raise TypeError(
             f"can't derive a cache key prefix for {function!r}, which has no "
             f"qualified name; pass prefix= or key= to cached()"
+        )
+    if key is None and ("<lambda>" in qualname or "<locals>" in qualname):
+        raise TypeError(
+            f"can't derive a cache key prefix for {qualname!r}, which other "
+            f"functions (lambdas, closures of one factory) share in every "
+            f"process; pass prefix= or key= to cached()"
         )
     return f"{module}.{qualname}"
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -68,14 +66,22 @@ class CachedFunction:
         if self._signature is None:
             return [list(args), kwargs]
         bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
+        parameters = self._signature.parameters
         arguments: dict[str, Any] = {}
         for name, value in bound.arguments.items():
-            kind = self._signature.parameters[name].kind
-            # *args arrives as a tuple; the codec accepts lists only.
-            arguments[name] = (
-                list(value) if kind is inspect.Parameter.VAR_POSITIONAL else value
-            )
+            parameter = parameters[name]
+            default = parameter.default
+            # An argument passed with its default value names the same call
+            # as one left out, and a default (a tuple, an Enum) need not be
+            # JSON-encodable when the caller doesn't pass it.
+            if default is not inspect.Parameter.empty and (
+                type(value) is type(default) and value == default
+            ):
+                continue
+            if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                # *args arrives as a tuple; the codec accepts lists only.
+                value = list(value)
+            arguments[name] = value
         return arguments
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -88,43 +94,27 @@ class CachedFunction:
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        return types.MethodType(self, instance)
+        return BoundCachedFunction(self, instance)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> None:
         """Drop the cached result of one call from every tier in every process."""
         self._cache.invalidate(self.key_for(*args, **kwargs))
 
 
-class PrefixRegistry:
-    """The functions decorated on one cache, by key prefix.
+class BoundCachedFunction:
+    """A cached method bound to its instance, as a method object would be."""
 
-    Two different functions with one prefix (two lambdas of a module, two
-    closures from one factory) would read each other's results, so the
-    second one raises unless it is given its own ``prefix=`` or ``key=``.
-    """
+    def __init__(self, function: CachedFunction, instance: object) -> None:
+        self._function = function
+        self._instance = instance
 
-    def __init__(self) -> None:
-        self._functions: weakref.WeakValueDictionary[str, Any] = (
-            weakref.WeakValueDictionary()
-        )
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self._instance, *args, **kwargs)
 
-    def claim(self, prefix: str, function: Callable[..., Any]) -> None:
-        """Record ``function`` under ``prefix``.
+    def key_for(self, *args: Any, **kwargs: Any) -> str | bytes:
+        """Return the cache key of one call on this instance."""
+        return self._function.key_for(self._instance, *args, **kwargs)
 
-        :raises TypeError: if another live function has that prefix.
-        """
-        try:
-            current = self._functions.get(prefix)
-        except TypeError:
-            return
-        if current is not None and current is not function:
-            raise TypeError(
-                f"another function already caches under the prefix {prefix!r} "
-                f"(lambdas and closures share a qualified name); pass prefix= "
-                f"or key= to cached()"
-            )
-        try:
-            self._functions[prefix] = function
-        except TypeError:
-            # NOTE: a callable that can't be weakly referenced is not tracked.
-            pass
+    def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        """Drop the cached result of one call on this instance, everywhere."""
+        self._function.invalidate(self._instance, *args, **kwargs)

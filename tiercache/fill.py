@@ -525,7 +525,7 @@ class FillMixin:
     ) -> None:
         """Refresh ``wire`` in the background unless another caller already does."""
         assert self.remote is not None
-        marker = self.keys.encode(b"refresh\0" + wire.encode("ascii"))
+        marker = self.keys.refresh_key(wire)
         if self.remote.add(marker, b"", self.settings.lease_ttl) is not True:
             return
         if self._refresher is None:
@@ -606,9 +606,9 @@ class FillMixin:
                     key, wire, _single_loader(loader), ttl, decoded, now
                 )
                 if use_local and not stale:
-                    ttl = self._remote_local_ttl(decoded, now)
-                    if ttl > 0:
-                        backfill.append((wire, decoded.item, decoded.size, ttl))
+                    local_ttl = self._remote_local_ttl(decoded, now)
+                    if local_ttl > 0:
+                        backfill.append((wire, decoded.item, decoded.size, local_ttl))
                 if decoded.item is not NEGATIVE:
                     result[key] = decoded.value
             if backfill:

@@ -71,6 +71,17 @@ class KeyCodec:
         ).digest()
         return self._prefix + "!ns:" + base64.urlsafe_b64encode(digest).decode("ascii")
 
+    def refresh_key(self, wire: str) -> str:
+        """Return the memcached key of the refresh marker of memcached key ``wire``.
+
+        The ``!`` form is one :meth:`encode` never produces, so no cache key
+        can be a marker.
+        """
+        digest = hashlib.blake2b(
+            wire.encode("ascii"), digest_size=_DIGEST_SIZE
+        ).digest()
+        return self._prefix + "!refresh:" + base64.urlsafe_b64encode(digest).decode()
+
     def _encode(self, key: str | bytes) -> str:
         if isinstance(key, str) and type(key) is not str:
             key = key[:]  # a str subclass (StrEnum) keys like its plain text

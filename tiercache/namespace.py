@@ -113,11 +113,11 @@ class NamespaceVersions:
         versions.add(fresh)
         return versions
 
-    def existing_versions(self, name: str) -> set[str]:
+    def existing_versions(self, name: str) -> set[str] | None:
         """Return the versions of ``name`` in use, creating none.
 
         That is the one this process knows and the one memcached stores, if
-        either exists.
+        either exists. ``None`` when memcached can't be reached.
         """
         version_key = self._cache.keys.version_key(name)
         with self._lock:
@@ -126,6 +126,8 @@ class NamespaceVersions:
         remote = self._cache.remote
         if remote is not None:
             raw = remote.get(version_key)
+            if raw is DOWN:
+                return None
             if isinstance(raw, bytes):
                 versions.add(raw.decode("ascii"))
         return versions
@@ -201,6 +203,14 @@ def namespaced_wires(cache: TieredCache, key: str | bytes) -> list[str]:
         return []
     # NOTE: a key with "/" costs one memcached read of the namespace version.
     versions = cache.namespaces.existing_versions(name)
+    if versions is None:
+        # The version can't be read: drop the whole namespace instead.
+        try:
+            cache.invalidate_namespace(name)
+        except (RemoteTierError, ValueError) as exc:
+            cache.invalidations_failed += 1
+            log.warning("invalidating namespace %r failed: %s", name, exc)
+        return []
     return [cache.keys.encode_namespaced(name, v, inner) for v in sorted(versions)]
 
 

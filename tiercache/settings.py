@@ -17,6 +17,9 @@ ENV_PREFIX = "TIERCACHE_"
 MEMCACHED_RELATIVE_TTL_MAX = 30 * 24 * 3600
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# A hostname (RFC 1123 letters, digits, "-" and ".") or an IPv4 address.
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252}[A-Za-z0-9])?")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.\-]+)?")
 _CHANNEL_SCHEMES = ("redis", "rediss", "postgresql", "postgres", "memory")
 _ORIGIN_SCHEMES = ("sqlite", "postgresql", "postgres")
 
@@ -240,7 +243,14 @@ def parse_server(server: str) -> tuple[str, int] | str:
     host, sep, port_text = server.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{server!r} has no port")
+    bracketed = host.startswith("[") and host.endswith("]")
     host = host.removeprefix("[").removesuffix("]")
+    pattern = _IPV6_RE if bracketed else _HOST_RE
+    if not pattern.fullmatch(host):
+        raise ValueError(
+            f"{server!r} has an invalid host {host!r}; separate servers with "
+            f"commas and give IPv6 addresses in brackets, like [::1]:11211"
+        )
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{server!r} has an invalid port")
     return host, int(port_text)

@@ -23,7 +23,12 @@ class PendingInvalidation:
 
     def add(self, *keys: str | bytes) -> None:
         """Record ``keys``; with a connection, NOTIFY inside its transaction too."""
+        from .namespace import namespaced_wires
+
         wires = [self._cache.keys.encode(key) for key in keys]
+        for key in keys:
+            # The same origin row may also be a namespaced entry.
+            wires.extend(namespaced_wires(self._cache, key))
         self.keys.extend(keys)
         self.wires.extend(wires)
         bus = self._cache.bus
