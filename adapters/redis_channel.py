@@ -47,6 +47,7 @@ class RedisChannel:
         self._receiver: Callable[[bytes], None] | None = None
         self._on_state: Callable[[bool], None] | None = None
         self._stop = threading.Event()
+        self._renew = threading.Event()
         self._thread: threading.Thread | None = None
         self.reconnects = 0
 
@@ -90,6 +91,9 @@ class RedisChannel:
             try:
                 pubsub.subscribe(self.name)
                 while not self._stop.is_set():
+                    if self._renew.is_set():
+                        self._renew.clear()
+                        raise RedisConnectionError("renewing a silent subscription")
                     message = pubsub.get_message(timeout=0.2)
                     if message is None:
                         continue
@@ -129,6 +133,14 @@ class RedisChannel:
             except Exception:  # noqa: BLE001 - the listener thread must survive
                 log.exception("channel state receiver failed")
 
+    def reconnect(self) -> None:
+        """Drop the subscription and subscribe again on a new connection.
+
+        The cache calls this when it stops hearing its own heartbeats, which
+        happens when a connection dies without an error reaching the client.
+        """
+        self._renew.set()
+
     def after_fork(self) -> None:
         """Forget the parent's connections and listener thread in a forked child.
 
@@ -137,6 +149,7 @@ class RedisChannel:
         """
         self._publisher = self._connect()
         self._stop = threading.Event()
+        self._renew = threading.Event()
         self._thread = None
 
     def close(self) -> None:

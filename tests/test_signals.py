@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,6 +158,10 @@ def test_invalidated_from_other_cache_reported(
     recorder = Recorder()
     connect(signals.invalidated, recorder, sender=reader)
     writer.set("k", "v")
+    # Invalidations from other caches are reported from the signal thread.
+    deadline = time.monotonic() + 5
+    while not recorder.calls and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert len(recorder.calls) == 1
     assert recorder.calls[0]["keys"] == (reader.keys.encode("k"),)
     assert recorder.calls[0]["origin"] != "local"

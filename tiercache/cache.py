@@ -62,7 +62,9 @@ class TieredCache(FillMixin):
         )
         self.namespaces = NamespaceVersions(self)
         self.remote = (
-            RemoteTier(self.settings) if self.settings.memcached_servers else None
+            RemoteTier(self.settings, on_degraded=self._on_degraded)
+            if self.settings.memcached_servers
+            else None
         )
         if channel is None and self.settings.channel_url:
             channel = make_channel(self.settings.channel_url)
@@ -76,6 +78,7 @@ class TieredCache(FillMixin):
                 on_lost_deletes=self._on_lost_deletes,
                 on_resync=self._on_resync,
                 on_namespace=self._on_namespace_message,
+                on_degraded=self._on_degraded,
                 clock=clock,
             )
             self.bus.start()
@@ -340,7 +343,7 @@ class TieredCache(FillMixin):
         signals.send_robust(signals.invalidated, self, keys=tuple(keys), origin="local")
 
     def _on_remote_invalidation(self, wires: tuple[str, ...], sender: str) -> None:
-        signals.send_robust(signals.invalidated, self, keys=wires, origin=sender)
+        signals.send_later(signals.invalidated, self, keys=wires, origin=sender)
 
     def _on_lost_deletes(self, wires: tuple[str, ...]) -> None:
         if self.remote is not None:
@@ -350,6 +353,9 @@ class TieredCache(FillMixin):
         self.namespaces.forget_all()
         if self.remote is not None:
             self.remote.recheck_tombstones()
+
+    def _on_degraded(self, event: str, detail: str) -> None:
+        signals.send_robust(signals.degraded, self, event=event, detail=detail)
 
     def _on_namespace_message(self, version_keys: tuple[str, ...]) -> None:
         self.namespaces.forget(version_keys)

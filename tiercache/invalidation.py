@@ -74,6 +74,7 @@ class InvalidationBus:
         on_lost_deletes: Callable[[tuple[str, ...]], None] | None = None,
         on_resync: Callable[[], None] | None = None,
         on_namespace: Callable[[tuple[str, ...]], None] | None = None,
+        on_degraded: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.channel = channel
@@ -83,9 +84,11 @@ class InvalidationBus:
         self._on_lost_deletes = on_lost_deletes
         self._on_resync = on_resync
         self._on_namespace = on_namespace
+        self._on_degraded = on_degraded
         self._clock = clock
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        self._failing_until = 0.0
         self._new_identity()
         self.sent = 0
         self.received = 0
@@ -209,9 +212,17 @@ class InvalidationBus:
             return self._publish(kind, message)
 
     def _publish(self, kind: str, message: Message) -> bool:
+        # After a failed publish, writers fail fast until the next heartbeat
+        # gets through, rather than each waiting out the channel's timeout in
+        # line. Their numbers are still taken, so receivers see the gap and
+        # flush, as for any lost message.
+        if kind != "hb" and self._clock() < self._failing_until:
+            self.publish_errors += 1
+            return False
         try:
             self.channel.publish(message.encode())
         except Exception as exc:  # noqa: BLE001 - any driver error; the write committed
+            self._failing_until = self._clock() + self.settings.heartbeat_interval
             self.publish_errors += 1
             if self.publish_errors == 1 or self.publish_errors % 1000 == 0:
                 log.warning(
@@ -221,6 +232,7 @@ class InvalidationBus:
                     exc,
                 )
             return False
+        self._failing_until = 0.0
         if kind != "hb":
             self.sent += 1
         return True
@@ -308,6 +320,8 @@ class InvalidationBus:
             self._subscribed = False
             self._update_bypass()
             self.losses += 1
+            if self._on_degraded is not None:
+                self._on_degraded("channel_lost", "subscription lost")
             log.warning(
                 "invalidation channel lost; local tier flushed%s",
                 " and bypassed" if self.settings.on_channel_loss == "bypass" else "",
@@ -338,6 +352,13 @@ class InvalidationBus:
                 ):
                     self._deaf = True
                     self._update_bypass()
+                    if self._on_degraded is not None:
+                        self._on_degraded("channel_lost", "own heartbeats not heard")
+                    # A subscription can die without an error (a dropped
+                    # connection nobody reset): ask the channel to renew it.
+                    renew = getattr(self.channel, "reconnect", None)
+                    if renew is not None:
+                        renew()
                     self.losses += 1
                     self._distrust(f"no heartbeat of its own heard for {limit:.1f}s")
             except Exception:  # noqa: BLE001 - keep the heartbeat alive, but say why

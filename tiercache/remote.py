@@ -194,8 +194,14 @@ class Node:
 class RemoteTier:
     """Reads and writes of memcached keys, spread over the servers by hash."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_degraded: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self.on_degraded = on_degraded
         self.nodes = [Node(address, settings) for address in settings.memcached_servers]
         self._ring: list[int] = []
         self._ring_nodes: list[Node] = []
@@ -330,6 +336,8 @@ class RemoteTier:
             first = node.failures == 1
         if first:
             self.node_downs += 1
+            if self.on_degraded is not None:
+                self.on_degraded("node_down", node.address)
             log.warning(
                 "memcached %s marked down for %.1fs after %s: %s",
                 node.address,
@@ -377,12 +385,16 @@ class RemoteTier:
         expire = memcached_expire(self._tombstone_ttl())
         key = node.tombstone_key
         try:
-            appended = self._run(
+            if self._run(
                 home, lambda c: c.append(key, _TOMBSTONE_SEPARATOR + data, expire)
-            )
-            if not appended and self._run(home, lambda c: c.add(key, data, expire)):
+            ):
                 return
-            if appended:
+            if self._run(home, lambda c: c.add(key, data, expire)):
+                return
+            # Another process created the record between the two commands.
+            if self._run(
+                home, lambda c: c.append(key, _TOMBSTONE_SEPARATOR + data, expire)
+            ):
                 return
         except MemcacheServerError:
             pass
@@ -421,7 +433,7 @@ class RemoteTier:
                 self.tombstones_unverified += 1
                 return True
             try:
-                record = self._run(home, lambda c: c.get(node.tombstone_key))
+                record, cas = self._run(home, lambda c: c.gets(node.tombstone_key))
             except _FAULTS as exc:
                 self._fail(home, exc)
                 self.tombstones_unverified += 1
@@ -432,8 +444,20 @@ class RemoteTier:
             except _FAULTS as exc:
                 self._fail(node, exc)
                 return False
+            assert home is not None
+            self._clear_record(home, node, cas)
         node.tombstones_checked = True
         return True
+
+    def _clear_record(self, home: Node, node: Node, cas: bytes) -> None:
+        # The deletes are done, so later processes needn't replay them (a
+        # flush mark would otherwise flush the server again for each). The
+        # cas keeps deletes appended since the record was read.
+        expire = memcached_expire(self._tombstone_ttl())
+        try:
+            self._run(home, lambda c: c.cas(node.tombstone_key, b"", cas, expire))
+        except _FAULTS as exc:
+            self._fail(home, exc)
 
     def _replay_record(self, node: Node, record: bytes) -> None:
         keys = [part for part in record.split(_TOMBSTONE_SEPARATOR) if part]

@@ -8,13 +8,19 @@ stop at the first exception). Signals carry keys, never values.
 * ``hit`` (``key``, ``tier``: ``"local"`` or ``"remote"``)
 * ``miss`` (``key``): no tier held the key
 * ``fill`` (``key``, ``tier``)
-* ``invalidated`` (``keys``, ``origin``: ``"local"`` or a sender id)
-* ``degraded`` (``event``, ``detail``): a node marked down, the channel lost
+* ``invalidated`` (``keys``, ``origin``: ``"local"`` or a sender id); for
+  invalidations from other processes it is sent from a thread of its own,
+  after the eviction, so a slow receiver can't delay evictions
+* ``degraded`` (``event``: ``"node_down"`` or ``"channel_lost"``,
+  ``detail``: the server address or the reason), once per state change
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 from typing import Any
 
 from blinker import Namespace, Signal
@@ -54,3 +60,57 @@ def send_robust(signal: Signal, sender: Any, **kwargs: Any) -> None:
 def receiver_failures() -> int:
     """Return how many receiver calls have raised in this process."""
     return _failures
+
+
+# Signals about invalidations received from other processes are sent from a
+# thread of their own: the channel's listener evicts L1 and goes on to the
+# next message at once, so a slow receiver can't hold back evictions.
+_QUEUE_MAX = 10_000
+_queue: queue.Queue[tuple[Signal, Any, dict[str, Any]]] = queue.Queue(_QUEUE_MAX)
+_worker: threading.Thread | None = None
+_worker_lock = threading.Lock()
+_dropped = 0
+
+
+def send_later(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    """Queue a :func:`send_robust` for the signal thread, or drop it if full."""
+    global _worker, _dropped
+    if not signal.receivers:
+        return
+    if _worker is None or not _worker.is_alive():
+        with _worker_lock:
+            if _worker is None or not _worker.is_alive():
+                _worker = threading.Thread(
+                    target=_send_queued, name="tiercache-signals", daemon=True
+                )
+                _worker.start()
+    try:
+        _queue.put_nowait((signal, sender, kwargs))
+    except queue.Full:
+        _dropped += 1
+        if _dropped == 1 or _dropped % 1000 == 0:
+            log.warning(
+                "signal queue full: %d signals dropped; receivers are too slow",
+                _dropped,
+            )
+
+
+def _send_queued() -> None:
+    while True:
+        signal, sender, kwargs = _queue.get()
+        send_robust(signal, sender, **kwargs)
+
+
+def dropped_signals() -> int:
+    """Return how many queued signals were dropped because the queue was full."""
+    return _dropped
+
+
+def _after_fork_in_child() -> None:
+    global _worker, _queue, _worker_lock
+    _worker = None
+    _worker_lock = threading.Lock()
+    _queue = queue.Queue(_QUEUE_MAX)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
