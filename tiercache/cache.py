@@ -267,6 +267,8 @@ class TieredCache(FillMixin):
         origin = self._require_origin("set")
         wire = self.keys.encode(key)
         codec.check_value(key, value)
+        # NOTE: if store() raises after the database committed (a lost
+        # acknowledgement), the tiers keep the old value until their TTLs.
         origin.store(key, value)  # type: ignore[arg-type]
         self.stores += 1
         self._after_commit([wire, *namespaced_wires(self, key)], [key])
