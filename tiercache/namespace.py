@@ -181,6 +181,18 @@ class NamespaceVersions:
             self._known.clear()
 
 
+_failures = 0
+
+
+def _warn_failure(message: str, name: str, exc: Exception) -> None:
+    # Logged for the first failure and every 1000th, with the count, so an
+    # outage during a stream of writes doesn't flood the log.
+    global _failures
+    _failures += 1
+    if _failures == 1 or _failures % 1000 == 0:
+        log.warning(message + " (%d such failures so far)", name, exc, _failures)
+
+
 def namespaced_wires(cache: TieredCache, key: str | bytes) -> list[str]:
     """Return the namespaced keys that share the origin row of plain ``key``.
 
@@ -209,7 +221,7 @@ def namespaced_wires(cache: TieredCache, key: str | bytes) -> list[str]:
             cache.invalidate_namespace(name)
         except (RemoteTierError, ValueError) as exc:
             cache.invalidations_failed += 1
-            log.warning("invalidating namespace %r failed: %s", name, exc)
+            _warn_failure("invalidating namespace %r failed: %s", name, exc)
         return []
     return [cache.keys.encode_namespaced(name, v, inner) for v in sorted(versions)]
 
@@ -315,7 +327,7 @@ class Namespace:
                 # heard the bump. Only late starters are at risk (see the
                 # message); a write is not reported as failed after commit.
                 self.cache.invalidations_failed += 1
-                log.warning("namespace write of %r: %s", self.name, exc)
+                _warn_failure("namespace write of %r: %s", self.name, exc)
             return
         wires = [self._wire(key, version) for version in sorted(versions)]
         # The same origin row is also the plain key "<name>/<key>".
