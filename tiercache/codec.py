@@ -127,8 +127,14 @@ def _check_text(key: object, text: str, path: str) -> None:
 
 
 def dump_body(value: Any) -> bytes:
-    """Serialize a value already accepted by :func:`check_value`."""
-    return orjson.dumps(value)
+    """Serialize a value already accepted by :func:`check_value`.
+
+    The result is copied into a bytes object of its exact size: orjson
+    (3.13, measured with tracemalloc) returns bytes that keep its whole
+    output buffer, about 8 KiB for a 0.6 KB profile, and L1 keeps bodies
+    for a long time.
+    """
+    return bytes(memoryview(orjson.dumps(value)))
 
 
 def load_body(body: bytes | memoryview) -> Any:

@@ -56,6 +56,7 @@ _LEASE_POLL_FIRST = 0.002
 # Waiters poll L2 at most this far apart, so they see a fill soon after it lands.
 _LEASE_POLL_MAX = 0.01
 _REFRESH_WORKERS = 4
+SHARED_SIZE_FACTOR = 5
 
 
 class _Flight:
@@ -280,7 +281,8 @@ class FillMixin:
             if envelope.kind == KIND_JSON:
                 value = orjson.loads(envelope.body)
                 item = envelope.body if self.settings.local_copy else value
-                return _Found(KIND_JSON, item, len(envelope.body), envelope, value)
+                size = self._charged_size(len(envelope.body))
+                return _Found(KIND_JSON, item, size, envelope, value)
         except (UndecodableValue, orjson.JSONDecodeError) as exc:
             self.undecodable += 1
             if self.undecodable == 1 or self.undecodable % 1000 == 0:
@@ -436,7 +438,16 @@ class FillMixin:
             expires_at=expires_at,
             load_seconds=load_seconds,
         )
-        return item, len(body), ttls, payload
+        return item, self._charged_size(len(body)), ttls, payload
+
+    def _charged_size(self, body_size: int) -> int:
+        """Return the L1 bytes to charge for a value whose JSON is ``body_size``."""
+        if self.settings.local_copy:
+            return body_size
+        # Shared mode keeps the parsed objects, which take 1.3 to 4.5 times
+        # their JSON size on CPython 3.11 (measured with tracemalloc on
+        # profiles and templates): charge the upper end, an estimate.
+        return body_size * SHARED_SIZE_FACTOR
 
     def _remote_expire(self, ttls: _Ttl, negative: bool) -> float | None:
         if ttls.remote is None:

@@ -119,6 +119,12 @@ _COUNTERS = (
     ),
     _Figure(
         "remote",
+        "tombstones_unverified",
+        "tiercache_remote_tombstones_unverified",
+        "Servers used again before their record of missed deletes could be read.",
+    ),
+    _Figure(
+        "remote",
         "refused_stores",
         "tiercache_remote_refused_stores",
         "Stores that memcached rejected as too large.",
