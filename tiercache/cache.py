@@ -14,14 +14,16 @@ from typing import Any, cast
 import orjson
 
 from . import codec, signals
+from .batch import BatchMixin
 from .channel import make_channel
 from .contracts import Channel, Origin
 from .decorator import CachedFunction
-from .fill import NEGATIVE, UNPARSED, FillMixin, _Flight
+from .fill import NEGATIVE, UNPARSED, _Flight
 from .invalidation import InvalidationBus
 from .keys import KeyCodec
 from .local import LocalTier
 from .namespace import Namespace, NamespaceVersions, namespaced_wires
+from .refresh import RefreshMixin
 from .remote import RemoteTier
 from .sentinel import MISSING
 from .settings import Settings
@@ -30,7 +32,7 @@ from .transaction import PendingInvalidation
 from .ttl import DEFAULT_TTL, TtlArg, check_ttl
 
 
-class TieredCache(FillMixin):
+class TieredCache(BatchMixin, RefreshMixin):
     """A read-through, write-through cache over L1, L2 (memcached) and an origin.
 
     :param settings: the settings; read from ``TIERCACHE_*`` variables when

@@ -1,9 +1,10 @@
-"""Filling the tiers after a miss: single flight, leases, TTLs, background refresh.
+"""Filling the tiers after a miss: single flight, leases, TTLs.
 
 :class:`FillMixin` holds the steps below L1 of :class:`~tiercache.TieredCache`'s
 read path, each a method testable alone: read L2, take or wait for a lease,
-call the loader, encode, fill L2 through the lease and L1 through the fill
-guard, and refresh stale entries in the background.
+call the loader, encode, and fill L2 through the lease and L1 through the
+fill guard. ``refresh.py`` refreshes stale entries in the background, and
+``batch.py`` runs the same steps for a batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -55,7 +56,6 @@ UNPARSED: Final = _Unparsed()
 _LEASE_POLL_FIRST = 0.002
 # Waiters poll L2 at most this far apart, so they see a fill soon after it lands.
 _LEASE_POLL_MAX = 0.01
-_REFRESH_WORKERS = 4
 SHARED_SIZE_FACTOR = 5
 
 
@@ -525,8 +525,6 @@ class FillMixin:
         if current is not DOWN and current[0] == lease:  # type: ignore[index]
             self.remote.delete_many([wire])
 
-    # -- background refresh --------------------------------------------------------
-
     def _start_refresh(
         self,
         key: str | bytes,
@@ -534,197 +532,5 @@ class FillMixin:
         loader: Callable[[Any], Any] | None,
         ttl: TtlArg,
     ) -> None:
-        """Refresh ``wire`` in the background unless another caller already does."""
-        assert self.remote is not None
-        marker = self.keys.refresh_key(wire)
-        if self.remote.add(marker, b"", self.settings.lease_ttl) is not True:
-            return
-        if self._refresher is None:
-            self._refresher = concurrent.futures.ThreadPoolExecutor(
-                _REFRESH_WORKERS, thread_name_prefix="tiercache-refresh"
-            )
-        self._refresher.submit(self._refresh, key, wire, loader, ttl, marker)
-
-    def _refresh(
-        self,
-        key: str | bytes,
-        wire: str,
-        loader: Callable[[Any], Any] | None,
-        ttl: TtlArg,
-        marker: str,
-    ) -> None:
-        assert self.remote is not None
-        token = self.local.begin_fill()
-        try:
-            # The stale item and its cas token are read before loading: a
-            # write-through deletes the key, so a refresh that loaded the old
-            # row can't store it. The item is compared again before the cas,
-            # because memcached restarts its cas counter when it restarts,
-            # and a new item could get the same token.
-            current = self.remote.gets(wire)
-            if current is DOWN or current[1] is None:  # type: ignore[index]
-                return
-            stale, cas = current  # type: ignore[misc]
-            assert cas is not None
-            started = time.monotonic()
-            value = self._call_loader(key, loader)
-            load_seconds = time.monotonic() - started
-            item, size, ttls, payload = self._encode_fill(key, value, ttl, load_seconds)
-            if not ttls.cacheable or self._too_large(wire, payload):
-                return
-            expire = self._remote_expire(ttls, item is NEGATIVE)
-            if self.remote.gets(wire) != (stale, cas) or not self.remote.cas(
-                wire, payload, cas, expire
-            ):
-                self.stale_fills_dropped += 1
-                return
-            self.refreshes += 1
-            if (self.bus is None or not self.bus.bypass_local) and ttls.local > 0:
-                self.local.fill(wire, item, size, ttls.local, token)
-        except Exception:  # noqa: BLE001 - nobody waits on a background refresh
-            self.refresh_errors += 1
-            log.exception("background refresh failed; the stale value stays")
-        finally:
-            self.local.end_fill(token)
-            self.remote.delete_many([marker])
-
-    def _get_many_below(
-        self,
-        wires: dict[str, str | bytes],
-        missing: list[str],
-        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
-        ttl: TtlArg,
-        token: int,
-        use_local: bool,
-        result: dict[Any, Any],
-    ) -> None:
-        leases: dict[str, bytes | None] = {}
-        if self.remote is not None:
-            found, down = self.remote.get_many(missing)
-            now = time.time()
-            to_load: list[str] = []
-            backfill: list[tuple[str, Any, int, float]] = []
-            for wire in missing:
-                raw = found.get(wire)
-                decoded = self._decode(wire, raw) if raw is not None else MISSING
-                if decoded is MISSING or decoded.kind is KIND_LEASE:
-                    to_load.append(wire)
-                    continue
-                key = wires[wire]
-                if signals.hit.receivers:
-                    signals.send_robust(signals.hit, self, key=key, tier="remote")
-                stale = self._refresh_if_due(
-                    key, wire, _single_loader(loader), ttl, decoded, now
-                )
-                if use_local and not stale:
-                    local_ttl = self._remote_local_ttl(decoded, now)
-                    if local_ttl > 0:
-                        backfill.append((wire, decoded.item, decoded.size, local_ttl))
-                if decoded.item is not NEGATIVE:
-                    result[key] = decoded.value
-            if backfill:
-                self.local.fill_many(backfill, token)
-            # NOTE: one add per key; a batch that misses everywhere costs a
-            # round trip per key here, on top of the origin's single query.
-            leased_elsewhere: list[str] = []
-            for wire in to_load:
-                lease = None
-                if wire not in down:
-                    lease = codec.pack(KIND_LEASE, os.urandom(12))
-                    added = self.remote.add(wire, lease, self.settings.lease_ttl)
-                    if added is not True:
-                        lease = None
-                        if added is False:
-                            leased_elsewhere.append(wire)
-                leases[wire] = lease
-            arrived = self._wait_for_fills(
-                leased_elsewhere, wires, token, use_local, result
-            )
-            missing = [wire for wire in to_load if wire not in arrived]
-        for wire in missing:
-            signals.send_robust(signals.miss, self, key=wires[wire])
-        if not missing:
-            return
-        keys = [wires[wire] for wire in missing]
-        self.loads += len(keys)
-        filled = 0
-        try:
-            loaded = self._load_many(keys, loader)
-            for wire in missing:
-                key = wires[wire]
-                value = loaded.get(key, MISSING)
-                lease = leases.get(wire)
-                item, value = self._fill(key, wire, value, ttl, lease, token, use_local)
-                filled += 1
-                if item is not NEGATIVE:
-                    result[key] = value
-        except BaseException:
-            # Release every lease the batch still holds; releasing one that
-            # is already gone does nothing.
-            for wire in missing[filled:]:
-                self._release_lease(wire, leases.get(wire))
-            raise
-
-    def _wait_for_fills(
-        self,
-        held: list[str],
-        wires: dict[str, str | bytes],
-        token: int,
-        use_local: bool,
-        result: dict[Any, Any],
-    ) -> set[str]:
-        """Poll L2 for keys whose lease another caller holds, up to ``lease_wait``.
-
-        :returns: the keys whose fill arrived; their values are in ``result``.
-        """
-        assert self.remote is not None
-        arrived: set[str] = set()
-        if not held:
-            return arrived
-        self.lease_waits += 1
-        deadline = time.monotonic() + self.settings.lease_wait
-        pause = _LEASE_POLL_FIRST
-        waiting = list(held)
-        while waiting and time.monotonic() < deadline:
-            time.sleep(pause)
-            pause = min(pause * 2, _LEASE_POLL_MAX)
-            found, _down = self.remote.get_many(waiting)
-            now = time.time()
-            for wire, raw in found.items():
-                decoded = self._decode(wire, raw)
-                if decoded is MISSING or decoded.kind is KIND_LEASE:
-                    continue
-                arrived.add(wire)
-                if use_local:
-                    self._fill_local_from_remote(wire, decoded, token, now)
-                if decoded.item is not NEGATIVE:
-                    result[wires[wire]] = decoded.value
-            waiting = [wire for wire in waiting if wire not in arrived]
-        if waiting:
-            self.lease_wait_timeouts += 1
-        return arrived
-
-    def _load_many(
-        self,
-        keys: list[Any],
-        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
-    ) -> Mapping[Any, Any]:
-        if loader is not None:
-            return loader(keys)
-        if self.origin is not None:
-            return self.origin.load_many(keys)
-        return {}
-
-
-def _single_loader(
-    loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
-) -> Callable[[Any], Any] | None:
-    """Adapt a batch loader to the one-key loader a background refresh calls."""
-    if loader is None:
-        return None
-    many = loader
-
-    def load_one(key: Any) -> Any:
-        return many([key]).get(key, MISSING)
-
-    return load_one
+        """Refresh ``wire`` in the background; see :class:`RefreshMixin`."""
+        raise NotImplementedError

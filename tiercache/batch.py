@@ -1,0 +1,159 @@
+"""The read path of a batch: L1, one multi-get per server, one origin query."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import codec, signals
+from .codec import KIND_LEASE
+from .fill import _LEASE_POLL_FIRST, _LEASE_POLL_MAX, NEGATIVE, FillMixin
+from .sentinel import MISSING
+from .ttl import TtlArg
+
+
+class BatchMixin(FillMixin):
+    """The steps of :meth:`TieredCache.get_many` below L1."""
+
+    def _get_many_below(
+        self,
+        wires: dict[str, str | bytes],
+        missing: list[str],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+        ttl: TtlArg,
+        token: int,
+        use_local: bool,
+        result: dict[Any, Any],
+    ) -> None:
+        leases: dict[str, bytes | None] = {}
+        if self.remote is not None:
+            found, down = self.remote.get_many(missing)
+            now = time.time()
+            to_load: list[str] = []
+            backfill: list[tuple[str, Any, int, float]] = []
+            for wire in missing:
+                raw = found.get(wire)
+                decoded = self._decode(wire, raw) if raw is not None else MISSING
+                if decoded is MISSING or decoded.kind is KIND_LEASE:
+                    to_load.append(wire)
+                    continue
+                key = wires[wire]
+                if signals.hit.receivers:
+                    signals.send_robust(signals.hit, self, key=key, tier="remote")
+                stale = self._refresh_if_due(
+                    key, wire, _single_loader(loader), ttl, decoded, now
+                )
+                if use_local and not stale:
+                    local_ttl = self._remote_local_ttl(decoded, now)
+                    if local_ttl > 0:
+                        backfill.append((wire, decoded.item, decoded.size, local_ttl))
+                if decoded.item is not NEGATIVE:
+                    result[key] = decoded.value
+            if backfill:
+                self.local.fill_many(backfill, token)
+            # NOTE: one add per key; a batch that misses everywhere costs a
+            # round trip per key here, on top of the origin's single query.
+            leased_elsewhere: list[str] = []
+            for wire in to_load:
+                lease = None
+                if wire not in down:
+                    lease = codec.pack(KIND_LEASE, os.urandom(12))
+                    added = self.remote.add(wire, lease, self.settings.lease_ttl)
+                    if added is not True:
+                        lease = None
+                        if added is False:
+                            leased_elsewhere.append(wire)
+                leases[wire] = lease
+            arrived = self._wait_for_fills(
+                leased_elsewhere, wires, token, use_local, result
+            )
+            missing = [wire for wire in to_load if wire not in arrived]
+        for wire in missing:
+            signals.send_robust(signals.miss, self, key=wires[wire])
+        if not missing:
+            return
+        keys = [wires[wire] for wire in missing]
+        self.loads += len(keys)
+        filled = 0
+        try:
+            loaded = self._load_many(keys, loader)
+            for wire in missing:
+                key = wires[wire]
+                value = loaded.get(key, MISSING)
+                lease = leases.get(wire)
+                item, value = self._fill(key, wire, value, ttl, lease, token, use_local)
+                filled += 1
+                if item is not NEGATIVE:
+                    result[key] = value
+        except BaseException:
+            # Release every lease the batch still holds; releasing one that
+            # is already gone does nothing.
+            for wire in missing[filled:]:
+                self._release_lease(wire, leases.get(wire))
+            raise
+
+    def _wait_for_fills(
+        self,
+        held: list[str],
+        wires: dict[str, str | bytes],
+        token: int,
+        use_local: bool,
+        result: dict[Any, Any],
+    ) -> set[str]:
+        """Poll L2 for keys whose lease another caller holds, up to ``lease_wait``.
+
+        :returns: the keys whose fill arrived; their values are in ``result``.
+        """
+        assert self.remote is not None
+        arrived: set[str] = set()
+        if not held:
+            return arrived
+        self.lease_waits += 1
+        deadline = time.monotonic() + self.settings.lease_wait
+        pause = _LEASE_POLL_FIRST
+        waiting = list(held)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, _LEASE_POLL_MAX)
+            found, _down = self.remote.get_many(waiting)
+            now = time.time()
+            for wire, raw in found.items():
+                decoded = self._decode(wire, raw)
+                if decoded is MISSING or decoded.kind is KIND_LEASE:
+                    continue
+                arrived.add(wire)
+                if use_local:
+                    self._fill_local_from_remote(wire, decoded, token, now)
+                if decoded.item is not NEGATIVE:
+                    result[wires[wire]] = decoded.value
+            waiting = [wire for wire in waiting if wire not in arrived]
+        if waiting:
+            self.lease_wait_timeouts += 1
+        return arrived
+
+    def _load_many(
+        self,
+        keys: list[Any],
+        loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+    ) -> Mapping[Any, Any]:
+        if loader is not None:
+            return loader(keys)
+        if self.origin is not None:
+            return self.origin.load_many(keys)
+        return {}
+
+
+def _single_loader(
+    loader: Callable[[list[Any]], Mapping[Any, Any]] | None,
+) -> Callable[[Any], Any] | None:
+    """Adapt a batch loader to the one-key loader a background refresh calls."""
+    if loader is None:
+        return None
+    many = loader
+
+    def load_one(key: Any) -> Any:
+        return many([key]).get(key, MISSING)
+
+    return load_one
