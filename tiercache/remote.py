@@ -19,36 +19,53 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-import math
 import os
-import socket
 import threading
 import time
-import types
 import weakref
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
     MemcacheClientError,
-    MemcacheError,
     MemcacheServerError,
-    MemcacheUnexpectedCloseError,
     MemcacheUnknownError,
 )
 
 from .codec import WIRE_FLAGS
-from .settings import MEMCACHED_RELATIVE_TTL_MAX, Settings, parse_server
+from .settings import Settings, parse_server
+from .wire import (
+    CLOSED_ERRORS,
+    FAULTS,
+    SERDE,
+    SOCKET_MODULE,
+    BadFlags,
+    Down,
+    command_deadline,
+    delete_chunk,
+    get_one,
+    read_values,
+)
+from .wire import (
+    DOWN as DOWN,
+)
+from .wire import (
+    memcached_expire as memcached_expire,
+)
+
+# Joins the keys of a tombstone record; memcached keys never contain it.
+_TOMBSTONE_SEPARATOR = b" "
+# Stands in a tombstone record for "flush the server"; no cache key starts
+# with "!" because every key starts with its namespace.
+_TOMBSTONE_FLUSH = b"!flush"
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
 _POINTS_PER_SERVER = 160
 _PENDING_DELETES_MAX = 100_000
-
-# The last expiry memcached can store: a signed 32-bit Unix time.
-MEMCACHED_EXPIRY_MAX = 2**31 - 1
 
 # Keys per request to one server in a batch; each request has its own deadline.
 BATCH_KEYS = 1000
@@ -58,105 +75,6 @@ BATCH_KEYS = 1000
 ITEM_OVERHEAD = 96
 # Stands in for a queue too long to replay: the server is flushed instead.
 _FLUSH_MARK = "\0flush"
-
-
-class _Down:
-    def __repr__(self) -> str:
-        return "DOWN"
-
-
-DOWN: Final = _Down()
-"""Returned by reads whose server is marked down, so callers skip leases."""
-
-
-class _BadFlags:
-    __slots__ = ("flags",)
-
-    def __init__(self, flags: int) -> None:
-        self.flags = flags
-
-
-class _Serde:
-    """Store bytes with tiercache's flags; hand back foreign flags as _BadFlags."""
-
-    def serialize(self, key: str, value: bytes) -> tuple[bytes, int]:
-        return value, WIRE_FLAGS
-
-    def deserialize(self, key: str, value: bytes, flags: int) -> Any:
-        if flags != WIRE_FLAGS:
-            return _BadFlags(flags)
-        return value
-
-
-_SERDE = _Serde()
-
-_FAULTS = (OSError, socket.timeout, MemcacheError)
-# Errors of a socket the server closed, for example because it restarted.
-# A command that gets one on a socket opened before it never reached the
-# new server process, so it can be retried once on a fresh socket.
-_CLOSED = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
-# Joins the keys of a tombstone record; memcached keys never contain it.
-_TOMBSTONE_SEPARATOR = b" "
-# Stands in a tombstone record for "flush the server"; no cache key starts
-# with "!" because every key starts with its namespace.
-_TOMBSTONE_FLUSH = b"!flush"
-_T = TypeVar("_T")
-
-
-def memcached_expire(ttl: float | None, *, now: float | None = None) -> int:
-    """Convert a TTL in seconds into memcached's expiry field.
-
-    ``None`` means no expiry (0). Fractions round up, so 0.5 s never becomes
-    0, which memcached reads as "never expire". A TTL above 30 days is sent
-    as an absolute Unix time, because memcached reads it that way.
-    """
-    if ttl is None:
-        return 0
-    if ttl <= 0:
-        raise ValueError(f"ttl must be positive to store, got {ttl!r}")
-    seconds = math.ceil(ttl)
-    if seconds > MEMCACHED_RELATIVE_TTL_MAX:
-        # memcached keeps the expiry as a signed 32-bit Unix time: later
-        # moments (past January 2038) would wrap to the past, so clamp.
-        absolute = int(time.time() if now is None else now) + seconds
-        return min(absolute, MEMCACHED_EXPIRY_MAX)
-    return seconds
-
-
-_deadline = threading.local()
-
-
-class _DeadlineSocket(socket.socket):
-    """A socket whose reads give up at the deadline of the current command.
-
-    A per-read timeout alone lets a server that trickles a reply one byte
-    at a time hold a command far longer than ``read_timeout``.
-    """
-
-    _base_timeout: float | None = None
-
-    def settimeout(self, value: float | None) -> None:
-        self._base_timeout = value
-        super().settimeout(value)
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        super().settimeout(self._base_timeout)
-        super().sendall(data, flags)
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        deadline: float | None = getattr(_deadline, "at", None)
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("memcached command deadline passed")
-            base = self._base_timeout
-            super().settimeout(remaining if base is None else min(remaining, base))
-        return super().recv(size, flags)
-
-
-# The socket module as pymemcache uses it, with the socket class replaced.
-_SOCKET_MODULE = types.SimpleNamespace(**vars(socket))
-_SOCKET_MODULE.socket = _DeadlineSocket
 
 
 class Node:
@@ -179,12 +97,12 @@ class Node:
     def make_client(self) -> Client:
         return Client(
             self.server,
-            serde=_SERDE,
+            serde=SERDE,
             connect_timeout=self._settings.connect_timeout,
             timeout=self._settings.read_timeout,
             no_delay=True,
             default_noreply=False,
-            socket_module=_SOCKET_MODULE,
+            socket_module=SOCKET_MODULE,
         )
 
     def is_down(self, now: float) -> bool:
@@ -264,15 +182,15 @@ class RemoteTier:
         client = self._client(node)
         reused = client.sock is not None
         # Each command, retry included, must finish within read_timeout
-        # (plus connect_timeout if it connects): see _DeadlineSocket.
-        _deadline.at = (
+        # (plus connect_timeout if it connects): see DeadlineSocket.
+        command_deadline.at = (
             time.monotonic()
             + self.settings.read_timeout
             + self.settings.connect_timeout
         )
         try:
             return command(client)
-        except _CLOSED:
+        except CLOSED_ERRORS:
             if not reused:
                 raise
             self._close(node)
@@ -283,7 +201,7 @@ class RemoteTier:
             self._close(node)
             raise MemcacheUnknownError(f"unexpected reply: {exc!r}") from exc
         finally:
-            _deadline.at = None
+            command_deadline.at = None
 
     # -- health -------------------------------------------------------------
 
@@ -313,7 +231,7 @@ class RemoteTier:
                     self._delete_on(node, pending)
                 else:
                     self._run(node, lambda c: c.version())
-            except _FAULTS as exc:
+            except FAULTS as exc:
                 self._close(node)
                 node.down_until = time.monotonic() + self.settings.node_retry_timeout
                 log.debug("memcached %s still down: %s", node.address, exc)
@@ -398,7 +316,7 @@ class RemoteTier:
                 return
         except MemcacheServerError:
             pass
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(home, exc)
             return
         # The record exists but took no more (memcached answers NOT_STORED
@@ -406,7 +324,7 @@ class RemoteTier:
         # makes every process flush the server before use.
         try:
             self._run(home, lambda c: c.set(key, _TOMBSTONE_FLUSH, expire))
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(home, exc)
 
     def _tombstone_ttl(self) -> float | None:
@@ -434,14 +352,14 @@ class RemoteTier:
                 return True
             try:
                 record, cas = self._run(home, lambda c: c.gets(node.tombstone_key))
-            except _FAULTS as exc:
+            except FAULTS as exc:
                 self._fail(home, exc)
                 self.tombstones_unverified += 1
                 return True
         if isinstance(record, bytes) and record:
             try:
                 self._replay_record(node, record)
-            except _FAULTS as exc:
+            except FAULTS as exc:
                 self._fail(node, exc)
                 return False
             assert home is not None
@@ -456,7 +374,7 @@ class RemoteTier:
         expire = memcached_expire(self._tombstone_ttl())
         try:
             self._run(home, lambda c: c.cas(node.tombstone_key, b"", cas, expire))
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(home, exc)
 
     def _replay_record(self, node: Node, record: bytes) -> None:
@@ -490,20 +408,20 @@ class RemoteTier:
     # -- reads ---------------------------------------------------------------
 
     def _decode_flags(self, raw: Any) -> bytes | None:
-        if isinstance(raw, _BadFlags):
+        if isinstance(raw, BadFlags):
             self.undecodable += 1
             log.debug("memcached value with foreign flags %d read as a miss", raw.flags)
             return None
         return raw  # type: ignore[no-any-return]
 
-    def get(self, key: str) -> bytes | None | _Down:
+    def get(self, key: str) -> bytes | None | Down:
         """Return the stored bytes, ``None`` on a miss, or ``DOWN``."""
         node = self.node_for(key)
         if not self._usable(node):
             return DOWN
         try:
-            found = self._run(node, lambda c: _get_one(c, key))
-        except (*_FAULTS, ValueError) as exc:
+            found = self._run(node, lambda c: get_one(c, key))
+        except (*FAULTS, ValueError) as exc:
             self._fail(node, exc)
             return DOWN
         if found is None:
@@ -556,7 +474,7 @@ class RemoteTier:
             try:
                 self._get_many_pipelined(chunk, found, down, foreign)
             finally:
-                _deadline.at = None
+                command_deadline.at = None
             for node in chunk:
                 if node.is_down(time.monotonic()):
                     usable[node] = False
@@ -576,7 +494,7 @@ class RemoteTier:
     ) -> None:
         """Send one request to each server of ``by_node``, then read each reply."""
         settings = self.settings
-        _deadline.at = (
+        command_deadline.at = (
             time.monotonic() + settings.read_timeout + settings.connect_timeout
         )
         sent: list[tuple[Node, Client, list[str], bool]] = []
@@ -591,7 +509,7 @@ class RemoteTier:
                     client._connect()
                 assert client.sock is not None
                 client.sock.sendall(request)
-            except _FAULTS as exc:
+            except FAULTS as exc:
                 self._fail(node, exc)
                 down.update(node_keys)
                 continue
@@ -599,15 +517,15 @@ class RemoteTier:
         for node, client, node_keys, reused in sent:
             try:
                 assert client.sock is not None
-                raw = _read_values(client.sock)
-            except _CLOSED as exc:
+                raw = read_values(client.sock)
+            except CLOSED_ERRORS as exc:
                 retried = self._get_many_again(node, node_keys) if reused else None
                 if retried is None:
                     self._fail(node, exc)
                     down.update(node_keys)
                     continue
                 raw = retried
-            except (*_FAULTS, ValueError) as exc:
+            except (*FAULTS, ValueError) as exc:
                 self._fail(node, exc)
                 down.update(node_keys)
                 continue
@@ -625,23 +543,23 @@ class RemoteTier:
         self._close(node)
         try:
             values = self._client(node).get_many(keys)
-        except _FAULTS:
+        except FAULTS:
             return None
         return {
             key: (value.flags, b"")
-            if isinstance(value, _BadFlags)
+            if isinstance(value, BadFlags)
             else (WIRE_FLAGS, value)
             for key, value in values.items()
         }
 
-    def gets(self, key: str) -> tuple[bytes | None, bytes | None] | _Down:
+    def gets(self, key: str) -> tuple[bytes | None, bytes | None] | Down:
         """Return ``(value, cas)``, ``(None, None)`` on a miss, or ``DOWN``."""
         node = self.node_for(key)
         if not self._usable(node):
             return DOWN
         try:
             raw, cas = self._run(node, lambda c: c.gets(key))
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(node, exc)
             return DOWN
         if raw is None:
@@ -654,7 +572,7 @@ class RemoteTier:
 
     # -- writes --------------------------------------------------------------
 
-    def add(self, key: str, payload: bytes, ttl: float | None) -> bool | _Down:
+    def add(self, key: str, payload: bytes, ttl: float | None) -> bool | Down:
         """Store ``payload`` only if ``key`` is absent; ``True`` if stored."""
         node = self.node_for(key)
         if not self._usable(node):
@@ -665,7 +583,7 @@ class RemoteTier:
         except MemcacheServerError as exc:
             self._store_refused(node, key, exc)
             return False
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(node, exc)
             return DOWN
 
@@ -680,7 +598,7 @@ class RemoteTier:
         except MemcacheServerError as exc:
             self._store_refused(node, key, exc)
             return False
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(node, exc)
             return False
         return bool(stored)
@@ -696,7 +614,7 @@ class RemoteTier:
         except MemcacheServerError as exc:
             self._store_refused(node, key, exc)
             return False
-        except _FAULTS as exc:
+        except FAULTS as exc:
             self._fail(node, exc)
             return False
 
@@ -727,7 +645,7 @@ class RemoteTier:
                 self._delete_on(node, node_keys)
             except MemcacheClientError:
                 raise
-            except _FAULTS as exc:
+            except FAULTS as exc:
                 self._fail(node, exc)
                 self._queue_delete(node, node_keys)
                 self._record_tombstone(node, node_keys)
@@ -737,7 +655,7 @@ class RemoteTier:
     def _delete_on(self, node: Node, keys: list[str]) -> None:
         # In rounds, each with its own deadline, like get_many.
         for start in range(0, len(keys), BATCH_KEYS):
-            self._run(node, _delete_chunk(keys[start : start + BATCH_KEYS]))
+            self._run(node, delete_chunk(keys[start : start + BATCH_KEYS]))
 
     def queue_lost_deletes(self, keys: Iterable[str]) -> None:
         """Queue deletes another process could not deliver, for replay before use.
@@ -759,7 +677,7 @@ class RemoteTier:
         for node in self.nodes:
             try:
                 self._run(node, lambda c: c.flush_all(noreply=False))
-            except _FAULTS as exc:
+            except FAULTS as exc:
                 self._fail(node, exc)
 
     def close(self) -> None:
@@ -775,71 +693,6 @@ class RemoteTier:
         self._local = threading.local()
         for node in self.nodes:
             node.lock = threading.Lock()
-
-
-def _delete_chunk(keys: list[str]) -> Callable[[Client], None]:
-    def delete(client: Client) -> None:
-        client.delete_many(keys, noreply=False)
-
-    return delete
-
-
-def _get_one(client: Client, key: str) -> tuple[int, bytes] | None:
-    """Read one key with the same parser as the pipelined multi-get.
-
-    pymemcache's own ``get`` checks the key and parses the reply line by
-    line; the key here is already a valid memcached key, and this path is
-    every L2 hit.
-    """
-    if client.sock is None:
-        # NOTE: pymemcache opens sockets lazily in a private method.
-        client._connect()
-    sock = client.sock
-    assert sock is not None
-    try:
-        sock.sendall(b"get " + key.encode("ascii") + b"\r\n")
-        values = _read_values(sock)
-    except BaseException:
-        client.close()
-        raise
-    return values.get(key)
-
-
-def _read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
-    """Read ``VALUE key flags size`` blocks up to ``END`` from a get reply.
-
-    :raises ValueError: for a reply that breaks the protocol (the caller
-        closes the socket, so nothing of it is read again).
-    """
-    buffer = bytearray()
-    values: dict[str, tuple[int, bytes]] = {}
-    position = 0
-    while True:
-        end = buffer.find(b"\r\n", position)
-        if end < 0:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("memcached closed the connection")
-            buffer += chunk
-            continue
-        line = bytes(buffer[position:end])
-        if line == b"END":
-            return values
-        parts = line.split()
-        if len(parts) != 4 or parts[0] != b"VALUE":
-            raise ValueError(f"unexpected memcached reply {line[:40]!r}")
-        size = int(parts[3])
-        start = end + 2
-        while len(buffer) < start + size + 2:
-            chunk = sock.recv(max(65536, start + size + 2 - len(buffer)))
-            if not chunk:
-                raise ConnectionResetError("memcached closed the connection")
-            buffer += chunk
-        values[parts[1].decode("ascii")] = (
-            int(parts[2]),
-            bytes(buffer[start : start + size]),
-        )
-        position = start + size + 2
 
 
 _INSTANCES: weakref.WeakSet[RemoteTier] = weakref.WeakSet()

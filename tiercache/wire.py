@@ -1,0 +1,184 @@
+"""Connections to memcached: sockets with command deadlines and reply parsing.
+
+pymemcache manages the connections; this module adds what it lacks for the
+remote tier: a socket whose reads give up at a whole command's deadline,
+the serializer that tags tiercache's items with their memcached flags, and
+a parser for ``get`` replies that several requests can share.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+import types
+from collections.abc import Callable
+from typing import Any, Final
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+
+from .codec import WIRE_FLAGS
+from .settings import MEMCACHED_RELATIVE_TTL_MAX
+
+# The last expiry memcached can store: a signed 32-bit Unix time.
+MEMCACHED_EXPIRY_MAX = 2**31 - 1
+
+
+class Down:
+    def __repr__(self) -> str:
+        return "DOWN"
+
+
+DOWN: Final = Down()
+"""Returned by reads whose server is marked down, so callers skip leases."""
+
+
+class BadFlags:
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+
+
+class Serde:
+    """Store bytes with tiercache's flags; hand back foreign flags as BadFlags."""
+
+    def serialize(self, key: str, value: bytes) -> tuple[bytes, int]:
+        return value, WIRE_FLAGS
+
+    def deserialize(self, key: str, value: bytes, flags: int) -> Any:
+        if flags != WIRE_FLAGS:
+            return BadFlags(flags)
+        return value
+
+
+SERDE = Serde()
+
+FAULTS = (OSError, socket.timeout, MemcacheError)
+# Errors of a socket the server closed, for example because it restarted.
+# A command that gets one on a socket opened before it never reached the
+# new server process, so it can be retried once on a fresh socket.
+CLOSED_ERRORS = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+
+
+def memcached_expire(ttl: float | None, *, now: float | None = None) -> int:
+    """Convert a TTL in seconds into memcached's expiry field.
+
+    ``None`` means no expiry (0). Fractions round up, so 0.5 s never becomes
+    0, which memcached reads as "never expire". A TTL above 30 days is sent
+    as an absolute Unix time, because memcached reads it that way.
+    """
+    if ttl is None:
+        return 0
+    if ttl <= 0:
+        raise ValueError(f"ttl must be positive to store, got {ttl!r}")
+    seconds = math.ceil(ttl)
+    if seconds > MEMCACHED_RELATIVE_TTL_MAX:
+        # memcached keeps the expiry as a signed 32-bit Unix time: later
+        # moments (past January 2038) would wrap to the past, so clamp.
+        absolute = int(time.time() if now is None else now) + seconds
+        return min(absolute, MEMCACHED_EXPIRY_MAX)
+    return seconds
+
+
+command_deadline = threading.local()
+
+
+class DeadlineSocket(socket.socket):
+    """A socket whose reads give up at the deadline of the current command.
+
+    A per-read timeout alone lets a server that trickles a reply one byte
+    at a time hold a command far longer than ``read_timeout``.
+    """
+
+    _base_timeout: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._base_timeout = value
+        super().settimeout(value)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        super().settimeout(self._base_timeout)
+        super().sendall(data, flags)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        deadline: float | None = getattr(command_deadline, "at", None)
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("memcached command deadline passed")
+            base = self._base_timeout
+            super().settimeout(remaining if base is None else min(remaining, base))
+        return super().recv(size, flags)
+
+
+# The socket module as pymemcache uses it, with the socket class replaced.
+SOCKET_MODULE = types.SimpleNamespace(**vars(socket))
+SOCKET_MODULE.socket = DeadlineSocket
+
+
+def delete_chunk(keys: list[str]) -> Callable[[Client], None]:
+    def delete(client: Client) -> None:
+        client.delete_many(keys, noreply=False)
+
+    return delete
+
+
+def get_one(client: Client, key: str) -> tuple[int, bytes] | None:
+    """Read one key with the same parser as the pipelined multi-get.
+
+    pymemcache's own ``get`` checks the key and parses the reply line by
+    line; the key here is already a valid memcached key, and this path is
+    every L2 hit.
+    """
+    if client.sock is None:
+        # NOTE: pymemcache opens sockets lazily in a private method.
+        client._connect()
+    sock = client.sock
+    assert sock is not None
+    try:
+        sock.sendall(b"get " + key.encode("ascii") + b"\r\n")
+        values = read_values(sock)
+    except BaseException:
+        client.close()
+        raise
+    return values.get(key)
+
+
+def read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
+    """Read ``VALUE key flags size`` blocks up to ``END`` from a get reply.
+
+    :raises ValueError: for a reply that breaks the protocol (the caller
+        closes the socket, so nothing of it is read again).
+    """
+    buffer = bytearray()
+    values: dict[str, tuple[int, bytes]] = {}
+    position = 0
+    while True:
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("memcached closed the connection")
+            buffer += chunk
+            continue
+        line = bytes(buffer[position:end])
+        if line == b"END":
+            return values
+        parts = line.split()
+        if len(parts) != 4 or parts[0] != b"VALUE":
+            raise ValueError(f"unexpected memcached reply {line[:40]!r}")
+        size = int(parts[3])
+        start = end + 2
+        while len(buffer) < start + size + 2:
+            chunk = sock.recv(max(65536, start + size + 2 - len(buffer)))
+            if not chunk:
+                raise ConnectionResetError("memcached closed the connection")
+            buffer += chunk
+        values[parts[1].decode("ascii")] = (
+            int(parts[2]),
+            bytes(buffer[start : start + size]),
+        )
+        position = start + size + 2
