@@ -20,7 +20,7 @@ _BACKOFF_MAX = 2.0
 class RedisChannel:
     """Publishes to and listens on one Redis pub/sub channel.
 
-    A background thread holds the subscription. When the connection drops it
+    A background thread keeps the subscription. When the connection drops it
     reports the loss (the cache then flushes its local tier, because Redis
     keeps no message for an absent subscriber), reconnects with exponential
     backoff from 50 ms to 2 s, resubscribes, and reports the subscription

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import codec, signals
+from . import signals
 from .codec import KIND_LEASE
 from .fill import _LEASE_POLL_FIRST, _LEASE_POLL_MAX, NEGATIVE, FillMixin
 from .sentinel import MISSING
@@ -59,12 +58,9 @@ class BatchMixin(FillMixin):
             for wire in to_load:
                 lease = None
                 if wire not in down:
-                    lease = codec.pack(KIND_LEASE, os.urandom(12))
-                    added = self.remote.add(wire, lease, self.settings.lease_ttl)
-                    if added is not True:
-                        lease = None
-                        if added is False:
-                            leased_elsewhere.append(wire)
+                    lease, added = self._try_lease(wire)
+                    if added is False:
+                        leased_elsewhere.append(wire)
                 leases[wire] = lease
             arrived = self._wait_for_fills(
                 leased_elsewhere, wires, token, use_local, result
@@ -96,7 +92,7 @@ class BatchMixin(FillMixin):
 
     def _wait_for_fills(
         self,
-        held: list[str],
+        leased_elsewhere: list[str],
         wires: dict[str, str | bytes],
         token: int,
         use_local: bool,
@@ -108,12 +104,12 @@ class BatchMixin(FillMixin):
         """
         assert self.remote is not None
         arrived: set[str] = set()
-        if not held:
+        if not leased_elsewhere:
             return arrived
         self.lease_waits += 1
         deadline = time.monotonic() + self.settings.lease_wait
         pause = _LEASE_POLL_FIRST
-        waiting = list(held)
+        waiting = list(leased_elsewhere)
         while waiting and time.monotonic() < deadline:
             time.sleep(pause)
             pause = min(pause * 2, _LEASE_POLL_MAX)

@@ -57,6 +57,23 @@ class TieredCache(BatchMixin, RefreshMixin):
         self.keys = KeyCodec(self.settings.namespace)
         self._encode_str = self.keys.encode_str
         self._local_copy = self.settings.local_copy
+
+        self.loads = 0
+        self.stores = 0
+        self.stale_fills_dropped = 0
+        self.lease_waits = 0
+        self.lease_wait_timeouts = 0
+        self.stale_served = 0
+        self.refreshes = 0
+        self.refresh_errors = 0
+        self.undecodable = 0
+        self.too_large = 0
+        self.invalidations_failed = 0
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self._refresher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
+
         self.local = LocalTier(
             max_entries=self.settings.local_max_entries,
             max_bytes=self.settings.local_max_bytes,
@@ -68,6 +85,8 @@ class TieredCache(BatchMixin, RefreshMixin):
             if self.settings.memcached_servers
             else None
         )
+
+        # The channel starts last: its callbacks use everything above.
         if channel is None and self.settings.channel_url:
             channel = make_channel(self.settings.channel_url)
         self.bus: InvalidationBus | None = None
@@ -84,21 +103,6 @@ class TieredCache(BatchMixin, RefreshMixin):
                 clock=clock,
             )
             self.bus.start()
-        self._flights: dict[str, _Flight] = {}
-        self._flights_lock = threading.Lock()
-        self._refresher: concurrent.futures.ThreadPoolExecutor | None = None
-        self.loads = 0
-        self.stores = 0
-        self.stale_fills_dropped = 0
-        self.lease_waits = 0
-        self.lease_wait_timeouts = 0
-        self.stale_served = 0
-        self.refreshes = 0
-        self.refresh_errors = 0
-        self.undecodable = 0
-        self.too_large = 0
-        self.invalidations_failed = 0
-        self._closed = False
         _CACHES.add(self)
 
     # -- reading -----------------------------------------------------------------
@@ -114,7 +118,7 @@ class TieredCache(BatchMixin, RefreshMixin):
         """Return the value of ``key`` from L1, L2 or, on a miss, the loader.
 
         :param loader: called with ``key`` on a miss; returns the value, or
-            ``MISSING`` when the origin has no such row (that answer is
+            ``MISSING`` when the origin has no such row (that result is
             cached for ``negative_ttl``). Defaults to ``origin.load``.
         :param ttl: seconds to keep a value loaded now; ``None`` for no
             expiry in L2 (L1 still expires after ``local_ttl``, the bound on

@@ -13,7 +13,7 @@ fresh-until and expires-at (8 bytes each, big-endian milliseconds since the
 epoch, 0 for none) + the load's duration (4 bytes, milliseconds) + body,
 stored with the memcached flags :data:`WIRE_FLAGS`. The expiry travels with
 the value so that a process filling L1 from L2 never keeps an entry longer
-than L2 does; fresh-until and the load duration drive stale-while-revalidate
+than L2 does. Fresh-until and the load duration drive stale-while-revalidate
 and early refresh.
 """
 
@@ -129,10 +129,10 @@ def _check_text(key: object, text: str, path: str) -> None:
 def dump_body(value: Any) -> bytes:
     """Serialize a value already accepted by :func:`check_value`.
 
-    The result is copied into a bytes object of its exact size: orjson
-    (3.13, measured with tracemalloc) returns bytes that keep its whole
-    output buffer, about 8 KiB for a 0.6 KB profile, and L1 keeps bodies
-    for a long time.
+    The result is copied into a bytes object of its exact size. orjson 3.13
+    returns bytes that keep its whole output buffer (about 8 KiB for a
+    0.6 KB profile, measured with tracemalloc), and L1 keeps bodies for a
+    long time.
     """
     return bytes(memoryview(orjson.dumps(value)))
 

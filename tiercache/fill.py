@@ -63,7 +63,7 @@ class _Flight:
     """One fill of one key in this process, shared by the threads that miss it.
 
     ``done`` is created by the first thread that joins, under the flights
-    lock, so a fill nobody waits for costs no Event.
+    lock, so a fill without waiters costs no Event.
     """
 
     __slots__ = ("done", "item", "error", "token")
@@ -306,13 +306,9 @@ class FillMixin:
             is ``None`` if it may not fill L2), or ``(None, found)`` when
             another caller's fill arrived while waiting.
         """
-        assert self.remote is not None
         if found is MISSING:
-            lease = codec.pack(KIND_LEASE, os.urandom(12))
-            added = self.remote.add(wire, lease, self.settings.lease_ttl)
-            if added is DOWN:
-                return None, MISSING
-            if added:
+            lease, added = self._try_lease(wire)
+            if added is not False:
                 return lease, MISSING
         self.lease_waits += 1
         deadline = time.monotonic() + self.settings.lease_wait
@@ -325,15 +321,26 @@ class FillMixin:
                 return None, found
             if found is MISSING:
                 # The holder gave up or a write voided its lease: try again.
-                lease = codec.pack(KIND_LEASE, os.urandom(12))
-                added = self.remote.add(wire, lease, self.settings.lease_ttl)
-                if added is DOWN:
-                    return None, MISSING
-                if added:
+                lease, added = self._try_lease(wire)
+                if added is not False:
                     return lease, MISSING
         # Waited long enough: load without filling L2 rather than fail.
         self.lease_wait_timeouts += 1
         return None, MISSING
+
+    def _try_lease(self, wire: str) -> tuple[bytes | None, bool | Any]:
+        """Add a lease marker for ``wire`` in L2.
+
+        :returns: ``(lease, True)`` if this caller holds the lease now,
+            ``(None, False)`` if another caller does, and ``(None, DOWN)``
+            if the server is down (load, but don't fill L2).
+        """
+        assert self.remote is not None
+        lease = codec.pack(KIND_LEASE, os.urandom(12))
+        added = self.remote.add(wire, lease, self.settings.lease_ttl)
+        if added is True:
+            return lease, True
+        return None, added
 
     def _fill_local_from_remote(
         self, wire: str, found: _Found, token: int, now: float
@@ -497,8 +504,8 @@ class FillMixin:
         current = self.remote.gets(wire)
         if current is DOWN:
             return
-        held, cas = current  # type: ignore[misc]
-        if held != lease or cas is None:
+        stored, cas = current  # type: ignore[misc]
+        if stored != lease or cas is None:
             # A write deleted the lease after this load began: the loaded
             # value may predate the write, so it must not land in L2.
             self.stale_fills_dropped += 1

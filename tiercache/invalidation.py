@@ -354,8 +354,8 @@ class InvalidationBus:
                     self._update_bypass()
                     if self._on_degraded is not None:
                         self._on_degraded("channel_lost", "own heartbeats not heard")
-                    # A subscription can die without an error (a dropped
-                    # connection nobody reset): ask the channel to renew it.
+                    # A subscription can die without an error when a connection
+                    # drops without a reset, so ask the channel to renew it.
                     renew = getattr(self.channel, "reconnect", None)
                     if renew is not None:
                         renew()

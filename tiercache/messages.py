@@ -1,4 +1,4 @@
-"""Invalidation messages: what one process tells the others, and their numbering.
+"""Invalidation messages that one process sends the others, and their numbering.
 
 A message is a small JSON object: ``{"v": 1, "k": kind, "s": sender, "n":
 sequence, "t": sent_at, "keys": [...]}``. Each sender numbers its

@@ -3,12 +3,12 @@
 Each namespace has a version, a random token stored in memcached under
 :meth:`KeyCodec.version_key`. Keys of a namespace are hashed together with
 the current version, so changing the version makes every entry of the old
-one unreachable at once; those entries are never read again and leave
+one unreachable at once. Those entries are never read again and leave
 memcached by TTL or eviction, and L1 by LRU. A random token rather than a
 counter means a version key that memcached evicted can't be recreated with
 an old value. Each process keeps the versions it read for at most
-``local_ttl`` seconds; an ``ns`` message on the channel makes the others
-read the new version at once.
+``local_ttl`` seconds, and an ``ns`` message on the channel makes the
+others read the new version at once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _new_version() -> str:
 
 
 class NamespaceVersions:
-    """The namespace versions this process knows, read from memcached."""
+    """The namespace versions this process has read from memcached."""
 
     def __init__(self, cache: TieredCache) -> None:
         self._cache = cache
@@ -100,8 +100,8 @@ class NamespaceVersions:
     def versions_for_write(self, name: str) -> set[str] | None:
         """Return every version a reader may still use for ``name``.
 
-        That is the one this process knows and the one in memcached now,
-        read afresh. ``None`` when memcached can't be reached.
+        That is the one this process has cached and the one in memcached
+        now, read afresh. ``None`` when memcached can't be reached.
         """
         version_key = self._cache.keys.version_key(name)
         with self._lock:
@@ -116,8 +116,8 @@ class NamespaceVersions:
     def existing_versions(self, name: str) -> set[str] | None:
         """Return the versions of ``name`` in use, creating none.
 
-        That is the one this process knows and the one memcached stores, if
-        either exists. ``None`` when memcached can't be reached.
+        That is the one this process has cached and the one memcached
+        stores, if either exists. ``None`` when memcached can't be reached.
         """
         version_key = self._cache.keys.version_key(name)
         with self._lock:
@@ -232,8 +232,8 @@ class Namespace:
     ``cache.namespace("tmpl").get("a:b")`` and ``cache.namespace("tmpl:a")
     .get("b")`` are different entries, and
     ``cache.invalidate_namespace("tmpl")`` drops every entry of ``tmpl``
-    in every process while leaving ``tmpl:a`` alone. The origin sees the key
-    as ``"<name>/<key>"``; a loader passed here receives the key without
+    in every process while leaving ``tmpl:a`` alone. The origin stores the
+    key as ``"<name>/<key>"``. A loader passed here receives the key without
     the name.
 
     :raises ValueError: if ``name`` is empty or contains ``/``.
@@ -323,9 +323,10 @@ class Namespace:
             try:
                 self.cache.invalidate_namespace(self.name)
             except RemoteTierError as exc:
-                # The origin committed: the write stands, and every process
-                # heard the bump. Only late starters are at risk (see the
-                # message); a write is not reported as failed after commit.
+                # The origin committed, so the write is kept and every running
+                # process received the bump. Only processes started later are
+                # at risk (see the message), and a committed write is not
+                # reported as failed.
                 self.cache.invalidations_failed += 1
                 _warn_failure("namespace write of %r: %s", self.name, exc)
             return

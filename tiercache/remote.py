@@ -1,6 +1,6 @@
 """The remote tier (L2): a pool of memcached servers behind consistent hashing.
 
-Each thread holds its own pymemcache ``Client`` per server, created in the
+Each thread has its own pymemcache ``Client`` per server, created in the
 process that uses it: a child after ``fork()`` never writes to a socket its
 parent opened, so no reply can cross between processes. Every socket has
 connect and read timeouts; a command that fails or times out closes its
@@ -161,6 +161,12 @@ class RemoteTier:
             index = 0
         return self._ring_nodes[index]
 
+    def _group_by_node(self, keys: Iterable[str]) -> dict[Node, list[str]]:
+        by_node: dict[Node, list[str]] = {}
+        for key in keys:
+            by_node.setdefault(self.node_for(key), []).append(key)
+        return by_node
+
     def _client(self, node: Node) -> Client:
         local = self._local
         clients: dict[str, Client] | None = getattr(local, "clients", None)
@@ -176,8 +182,8 @@ class RemoteTier:
         """Run ``command`` on this thread's client for ``node``.
 
         A socket the server closed while idle (a restart) fails the first
-        command sent on it; that command is retried once on a fresh socket
-        rather than marking a healthy server down.
+        command sent on it. That command is retried once on a fresh socket,
+        so a healthy server is not marked down.
         """
         client = self._client(node)
         reused = client.sock is not None
@@ -319,9 +325,9 @@ class RemoteTier:
         except FAULTS as exc:
             self._fail(home, exc)
             return
-        # The record exists but took no more (memcached answers NOT_STORED
-        # to an append past its item size): replace it with the mark that
-        # makes every process flush the server before use.
+        # The record exists but took no more, because memcached replies
+        # NOT_STORED to an append past its item size. Replace it with the
+        # mark that makes every process flush the server before use.
         try:
             self._run(home, lambda c: c.set(key, _TOMBSTONE_FLUSH, expire))
         except FAULTS as exc:
@@ -335,10 +341,10 @@ class RemoteTier:
         """Replay deletes recorded for ``node``.
 
         When the record's server is down, ``node`` is used anyway, unchecked,
-        and the record is read on a later use once that server is back: a
-        node can't lose both its own deletes and its record at once without
-        two failures, and making every neighbour of a dead server unusable
-        would turn one dead server into two.
+        and the record is read on a later use once that server is back. A
+        node loses both its own deletes and its record only after two
+        failures. Making every neighbour of a dead server unusable would turn
+        one dead server into two.
 
         :returns: ``False`` if ``node`` itself failed while replaying.
         """
@@ -441,14 +447,12 @@ class RemoteTier:
         """Read many keys: one request per server, all sent before any reply is read.
 
         pymemcache's ``HashClient.get_many`` waits for each server's reply
-        before asking the next; writing every request first overlaps the
+        before asking the next. Writing every request first overlaps the
         round trips, so three servers cost about as much as one.
 
         :returns: the values found, and the keys whose server is down.
         """
-        by_node: dict[Node, list[str]] = {}
-        for key in keys:
-            by_node.setdefault(self.node_for(key), []).append(key)
+        by_node = self._group_by_node(keys)
         found: dict[str, bytes] = {}
         down: set[str] = set()
         foreign: list[str] = []
@@ -581,7 +585,7 @@ class RemoteTier:
             expire = memcached_expire(ttl)
             return bool(self._run(node, lambda c: c.add(key, payload, expire)))
         except MemcacheServerError as exc:
-            self._store_refused(node, key, exc)
+            self._handle_rejected_store(node, key, exc)
             return False
         except FAULTS as exc:
             self._fail(node, exc)
@@ -596,7 +600,7 @@ class RemoteTier:
             expire = memcached_expire(ttl)
             stored = self._run(node, lambda c: c.cas(key, payload, cas, expire))
         except MemcacheServerError as exc:
-            self._store_refused(node, key, exc)
+            self._handle_rejected_store(node, key, exc)
             return False
         except FAULTS as exc:
             self._fail(node, exc)
@@ -612,13 +616,15 @@ class RemoteTier:
             expire = memcached_expire(ttl)
             return bool(self._run(node, lambda c: c.set(key, payload, expire)))
         except MemcacheServerError as exc:
-            self._store_refused(node, key, exc)
+            self._handle_rejected_store(node, key, exc)
             return False
         except FAULTS as exc:
             self._fail(node, exc)
             return False
 
-    def _store_refused(self, node: Node, key: str, exc: MemcacheServerError) -> None:
+    def _handle_rejected_store(
+        self, node: Node, key: str, exc: MemcacheServerError
+    ) -> None:
         # The server is healthy but refused the item (too large, out of
         # memory). Delete the key so an older value is not left behind.
         self.too_large += 1
@@ -631,9 +637,7 @@ class RemoteTier:
 
         :returns: ``True`` if every delete reached its server now.
         """
-        by_node: dict[Node, list[str]] = {}
-        for key in keys:
-            by_node.setdefault(self.node_for(key), []).append(key)
+        by_node = self._group_by_node(keys)
         delivered = True
         for node, node_keys in by_node.items():
             if not self._usable(node):
@@ -664,10 +668,7 @@ class RemoteTier:
         it first replays the queue, so this process can't read a value that
         the other process meant to delete while the server was away.
         """
-        by_node: dict[Node, list[str]] = {}
-        for key in keys:
-            by_node.setdefault(self.node_for(key), []).append(key)
-        for node, node_keys in by_node.items():
+        for node, node_keys in self._group_by_node(keys).items():
             self._queue_delete(node, node_keys)
             with node.lock:
                 node.failures = max(node.failures, 1)

@@ -30,7 +30,7 @@ class Settings:
 
     Durations are seconds and sizes are bytes. ``stale_ttl`` is how long
     past its fresh TTL an L2 entry may still be served while one caller
-    refreshes it; ``early_refresh_beta`` turns on probabilistic early
+    refreshes it. ``early_refresh_beta`` turns on probabilistic early
     refresh (XFetch; 1.0 is the usual value). An empty
     ``memcached_servers`` runs without a remote tier, and an empty
     ``channel_url`` without cross-process invalidation, which only suits a

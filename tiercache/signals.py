@@ -8,9 +8,9 @@ stop at the first exception). Signals carry keys, never values.
 * ``hit`` (``key``, ``tier``: ``"local"`` or ``"remote"``)
 * ``miss`` (``key``): no tier held the key
 * ``fill`` (``key``, ``tier``)
-* ``invalidated`` (``keys``, ``origin``: ``"local"`` or a sender id); for
-  invalidations from other processes it is sent from a thread of its own,
-  after the eviction, so a slow receiver can't delay evictions
+* ``invalidated`` (``keys``, ``origin``: ``"local"`` or a sender id). For
+  invalidations from other processes it is sent from a thread of its own
+  after the eviction, so a slow receiver can't delay evictions.
 * ``degraded`` (``event``: ``"node_down"`` or ``"channel_lost"``,
   ``detail``: the server address or the reason), once per state change
 """

@@ -1,9 +1,9 @@
 """Connections to memcached: sockets with command deadlines and reply parsing.
 
-pymemcache manages the connections; this module adds what it lacks for the
-remote tier: a socket whose reads give up at a whole command's deadline,
-the serializer that tags tiercache's items with their memcached flags, and
-a parser for ``get`` replies that several requests can share.
+pymemcache manages the connections. This module adds what the remote tier
+needs beyond it: a socket whose reads give up at a whole command's
+deadline, the serializer that tags tiercache's items with their memcached
+flags, and a parser for ``get`` replies that several requests can share.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from .codec import WIRE_FLAGS
 from .settings import MEMCACHED_RELATIVE_TTL_MAX
+
+# Bytes per second a reply must keep up to extend its command's deadline:
+# 1 MiB (a full memcached item) may take one extra second.
+MIN_TRANSFER_RATE = 1024 * 1024
 
 # The last expiry memcached can store: a signed 32-bit Unix time.
 MEMCACHED_EXPIRY_MAX = 2**31 - 1
@@ -90,7 +94,9 @@ class DeadlineSocket(socket.socket):
     """A socket whose reads give up at the deadline of the current command.
 
     A per-read timeout alone lets a server that trickles a reply one byte
-    at a time hold a command far longer than ``read_timeout``.
+    at a time hold a command far longer than ``read_timeout``. Each byte
+    received extends the deadline at :data:`MIN_TRANSFER_RATE`, so a large
+    value on a busy host still arrives while a trickle does not.
     """
 
     _base_timeout: float | None = None
@@ -111,7 +117,10 @@ class DeadlineSocket(socket.socket):
                 raise TimeoutError("memcached command deadline passed")
             base = self._base_timeout
             super().settimeout(remaining if base is None else min(remaining, base))
-        return super().recv(size, flags)
+        data = super().recv(size, flags)
+        if deadline is not None:
+            command_deadline.at = deadline + len(data) / MIN_TRANSFER_RATE
+        return data
 
 
 # The socket module as pymemcache uses it, with the socket class replaced.
@@ -130,8 +139,8 @@ def get_one(client: Client, key: str) -> tuple[int, bytes] | None:
     """Read one key with the same parser as the pipelined multi-get.
 
     pymemcache's own ``get`` checks the key and parses the reply line by
-    line; the key here is already a valid memcached key, and this path is
-    every L2 hit.
+    line. The key here is already a valid memcached key, and every L2 hit
+    takes this path.
     """
     if client.sock is None:
         # NOTE: pymemcache opens sockets lazily in a private method.
