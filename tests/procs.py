@@ -22,10 +22,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pymemcache.client.base import Client as MemcacheClient
-from tiercache.adapters.redis_channel import RedisChannel
-from tiercache.adapters.sqlite import SQLiteOrigin
 
 from tiercache import Settings, TieredCache, codec, signals
+from tiercache.adapters.redis_channel import RedisChannel
+from tiercache.adapters.sqlite import SQLiteOrigin
 from tiercache.keys import KeyCodec
 
 SPAWN = multiprocessing.get_context("spawn")

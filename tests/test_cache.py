@@ -1108,7 +1108,6 @@ def test_single_flight_table_empty_after_loads(
         thread.join()
     assert cache.loads == 10_000
     assert cache._flights == {}
-    assert cache.local._fills == {}
     assert cache.local._invalidated == {}
 
 

@@ -24,10 +24,10 @@ from procs import (
     start_processes,
     wait_until,
 )
-from tiercache.adapters.redis_channel import RedisChannel
-from tiercache.adapters.sqlite import SQLiteOrigin
 
 from tiercache import Settings, TieredCache
+from tiercache.adapters.redis_channel import RedisChannel
+from tiercache.adapters.sqlite import SQLiteOrigin
 from tiercache.channel import MemoryChannel
 from tiercache.messages import Message
 from tiercache.testing import MemcachedServer, RedisServer, free_port

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tiercache import MISSING
-from tiercache.local import ENTRY_OVERHEAD, LocalTier
+from tiercache.local import _PRUNE_AT, ENTRY_OVERHEAD, LocalTier, _touched_by_get
 
 
 class FakeClock:
@@ -34,11 +34,7 @@ def make_tier(
 
 
 def put(tier: LocalTier, key: str, item: Any, size: int = 10, ttl: float = 60) -> bool:
-    token = tier.begin_fill()
-    try:
-        return tier.fill(key, item, size, ttl, token)
-    finally:
-        tier.end_fill(token)
+    return tier.fill(key, item, size, ttl, tier.begin_fill())
 
 
 # storing and bounds
@@ -130,6 +126,36 @@ def test_evicts_least_recently_used() -> None:
     assert "d" in tier
 
 
+def test_lookup_reads_cachetools_directly() -> None:
+    # Fails when a cachetools release renames the private attributes that
+    # the fast lookup reads; the public fallback then serves, more slowly.
+    tier = make_tier()
+    assert tier._lru.direct
+
+
+def test_public_lookup_keeps_lru_order() -> None:
+    tier = make_tier(max_entries=3)
+    lru = tier._lru
+    lru.peek = lru.get
+    lru.touch = _touched_by_get
+    for key in ("a", "b", "c"):
+        put(tier, key, key)
+    assert tier.get("a") == "a"
+    assert tier.get("zz") is MISSING
+    put(tier, "d", "d")
+    assert "b" not in tier
+    assert "a" in tier
+    assert tier.invalidate(["a", "zz"]) == 1
+    assert "a" not in tier
+
+
+def test_invalidate_absent_keys() -> None:
+    tier = make_tier()
+    put(tier, "a", "a")
+    assert tier.invalidate(["x", "y"]) == 0
+    assert tier.get("a") == "a"
+
+
 def test_refill_counts_as_use() -> None:
     tier = make_tier(max_entries=3)
     for key in ("a", "b", "c"):
@@ -178,7 +204,6 @@ def test_fill_after_invalidate_dropped() -> None:
     token = tier.begin_fill()
     tier.invalidate(["k"])
     stored = tier.fill("k", "old", 10, 60, token)
-    tier.end_fill(token)
     assert stored is False
     assert tier.get("k") is MISSING
     assert tier.dropped_fills == 1
@@ -189,18 +214,14 @@ def test_fill_other_key_after_invalidate_kept() -> None:
     token = tier.begin_fill()
     tier.invalidate(["other"])
     stored = tier.fill("k", "v", 10, 60, token)
-    tier.end_fill(token)
     assert stored is True
 
 
 def test_fill_begun_after_invalidate_kept() -> None:
     tier = make_tier()
-    early = tier.begin_fill()
     tier.invalidate(["k"])
     late = tier.begin_fill()
     stored = tier.fill("k", "new", 10, 60, late)
-    tier.end_fill(late)
-    tier.end_fill(early)
     assert stored is True
 
 
@@ -215,7 +236,6 @@ def test_clear_voids_fills_in_flight() -> None:
     token = tier.begin_fill()
     tier.clear()
     stored = tier.fill("k", "old", 10, 60, token)
-    tier.end_fill(token)
     assert stored is False
     assert tier.get("k") is MISSING
 
@@ -235,30 +255,41 @@ def test_clear_drops_entries() -> None:
     assert tier.current_bytes == 0
 
 
-def test_invalidated_record_empty_without_fills() -> None:
+def test_invalidated_record_bounded() -> None:
+    tier = make_tier()
+    for index in range(3 * _PRUNE_AT):
+        tier.invalidate([f"k{index}"])
+    assert len(tier._invalidated) <= _PRUNE_AT
+
+
+def test_prune_voids_fills_older_than_cutoff() -> None:
+    tier = make_tier()
+    old = tier.begin_fill()
+    tier.invalidate(["k"])
+    for index in range(_PRUNE_AT):
+        tier.invalidate([f"other{index}"])
+    assert "k" not in tier._invalidated
+    assert tier.fill("k", "old", 10, 60, old) is False
+    assert tier.fill("unrelated", "v", 10, 60, old) is False
+
+
+def test_prune_keeps_fills_after_cutoff() -> None:
+    tier = make_tier()
+    for index in range(_PRUNE_AT + 1):
+        tier.invalidate([f"other{index}"])
+    token = tier.begin_fill()
+    tier.invalidate(["b"])
+    assert tier.fill("a", "new", 10, 60, token) is True
+    assert tier.fill("b", "old", 10, 60, token) is False
+
+
+def test_one_large_invalidation_pruned() -> None:
     tier = make_tier()
     token = tier.begin_fill()
-    tier.invalidate([f"k{index}" for index in range(100)])
-    tier.end_fill(token)
-    assert tier._invalidated == {}
-
-
-def test_invalidated_record_not_kept_when_idle() -> None:
-    tier = make_tier()
-    tier.invalidate([f"k{index}" for index in range(100)])
-    assert tier._invalidated == {}
-
-
-def test_invalidated_record_nested_fills() -> None:
-    tier = make_tier()
-    first = tier.begin_fill()
-    tier.invalidate(["a"])
-    second = tier.begin_fill()
-    tier.invalidate(["b"])
-    tier.end_fill(first)
-    assert tier.fill("b", "old", 10, 60, second) is False
-    tier.end_fill(second)
-    assert tier._invalidated == {}
+    tier.invalidate([f"k{index}" for index in range(_PRUNE_AT + 5)])
+    assert len(tier._invalidated) <= _PRUNE_AT
+    assert tier.fill("k1", "old", 10, 60, token) is False
+    assert tier.fill("k1", "new", 10, 60, tier.begin_fill()) is True
 
 
 def test_invalidate_returns_present_count() -> None:
@@ -310,8 +341,7 @@ def test_thread_stress_bounds_and_values() -> None:
     assert wrong == []
     assert len(tier) <= 64
     assert tier.current_bytes <= tier.max_bytes
-    assert tier._fills == {}
-    assert tier._invalidated == {}
+    assert len(tier._invalidated) <= _PRUNE_AT
 
 
 # model check

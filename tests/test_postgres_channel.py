@@ -14,10 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from tiercache.adapters.postgres import PostgresOrigin
-from tiercache.adapters.postgres_channel import PostgresChannel
 
 from tiercache import ChannelError, ConfigurationError, Settings, TieredCache
+from tiercache.adapters.postgres import PostgresOrigin
+from tiercache.adapters.postgres_channel import PostgresChannel
 from tiercache.channel import make_channel
 from tiercache.invalidation import InvalidationBus
 from tiercache.messages import Message, batch_keys, decode_message

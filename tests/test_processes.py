@@ -28,9 +28,9 @@ from procs import (
     start_processes,
     wait_until,
 )
-from tiercache.adapters.sqlite import SQLiteOrigin
 
 from tiercache import codec
+from tiercache.adapters.sqlite import SQLiteOrigin
 from tiercache.keys import KeyCodec
 from tiercache.remote import ITEM_OVERHEAD
 from tiercache.testing import MemcachedServer, RedisServer

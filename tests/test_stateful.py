@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
-from tiercache.adapters.sqlite import SQLiteOrigin
 
 from tiercache import MISSING, Settings, TieredCache
+from tiercache.adapters.sqlite import SQLiteOrigin
 from tiercache.channel import MemoryChannel, make_channel
 from tiercache.messages import decode_message
 from tiercache.testing import MemcachedServer

@@ -206,10 +206,7 @@ class TieredCache(BatchMixin, RefreshMixin):
         if not missing:
             return result
         token = self.local.begin_fill()
-        try:
-            self._get_many_below(wires, missing, loader, ttl, token, use_local, result)
-        finally:
-            self.local.end_fill(token)
+        self._get_many_below(wires, missing, loader, ttl, token, use_local, result)
         return result
 
     # -- namespaces ----------------------------------------------------------------

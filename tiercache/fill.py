@@ -142,39 +142,36 @@ class FillMixin:
         Such a caller starts a new flight in the old one's place.
         """
         token = self.local.begin_fill()
+        with self._flights_lock:
+            flight = self._flights.get(wire)
+            leader = flight is None or self.local.is_voided(wire, flight.token)
+            if leader:
+                flight = self._flights[wire] = _Flight(token)
+            elif flight is not None and flight.done is None:
+                flight.done = threading.Event()
+        assert flight is not None
+        if not leader:
+            assert flight.done is not None
+            if flight.done.wait(self.settings.fill_wait):
+                if flight.error is not None:
+                    raise flight.error
+                return flight.item, UNPARSED
+            # NOTE: the leader is slower than fill_wait; load without sharing.
+            return self._fetch(key, wire, loader, ttl, use_local, token)
         try:
-            with self._flights_lock:
-                flight = self._flights.get(wire)
-                leader = flight is None or self.local.is_voided(wire, flight.token)
-                if leader:
-                    flight = self._flights[wire] = _Flight(token)
-                elif flight is not None and flight.done is None:
-                    flight.done = threading.Event()
-            assert flight is not None
-            if not leader:
-                assert flight.done is not None
-                if flight.done.wait(self.settings.fill_wait):
-                    if flight.error is not None:
-                        raise flight.error
-                    return flight.item, UNPARSED
-                # NOTE: the leader is slower than fill_wait; load without sharing.
-                return self._fetch(key, wire, loader, ttl, use_local, token)
-            try:
-                item, value = self._fetch(key, wire, loader, ttl, use_local, token)
-                flight.item = item
-                return item, value
-            except BaseException as exc:
-                flight.error = exc
-                raise
-            finally:
-                with self._flights_lock:
-                    if self._flights.get(wire) is flight:
-                        del self._flights[wire]
-                    done = flight.done
-                if done is not None:
-                    done.set()
+            item, value = self._fetch(key, wire, loader, ttl, use_local, token)
+            flight.item = item
+            return item, value
+        except BaseException as exc:
+            flight.error = exc
+            raise
         finally:
-            self.local.end_fill(token)
+            with self._flights_lock:
+                if self._flights.get(wire) is flight:
+                    del self._flights[wire]
+                done = flight.done
+            if done is not None:
+                done.set()
 
     def _fetch(
         self,
@@ -220,9 +217,12 @@ class FillMixin:
         use_local: bool,
     ) -> Any:
         """Serve an L2 value, refreshing it in the background when due."""
-        signals.send_robust(signals.hit, self, key=key, tier="remote")
+        if signals.hit.receivers:
+            signals.send_robust(signals.hit, self, key=key, tier="remote")
         now = time.time()
-        if self._refresh_if_due(key, wire, loader, ttl, found, now):
+        if found.envelope.fresh_until and self._refresh_if_due(
+            key, wire, loader, ttl, found, now
+        ):
             # Served at once, but not kept in L1: the refresh replaces it.
             return found.item, found.value
         if use_local:
@@ -279,9 +279,10 @@ class FillMixin:
                 self.remote.delete_many([wire])
                 return MISSING
             if envelope.kind == KIND_JSON:
-                value = orjson.loads(envelope.body)
-                item = envelope.body if self.settings.local_copy else value
-                size = self._charged_size(len(envelope.body))
+                body = envelope.body
+                value = orjson.loads(body)
+                item = body if self.settings.local_copy else value
+                size = self._charged_size(len(body))
                 return _Found(KIND_JSON, item, size, envelope, value)
         except (UndecodableValue, orjson.JSONDecodeError) as exc:
             self.undecodable += 1
@@ -352,12 +353,14 @@ class FillMixin:
     def _remote_local_ttl(self, found: _Found, now: float) -> float:
         """Return the L1 TTL of a value read from L2: never past its L2 life."""
         envelope = found.envelope
-        ttl = self._local_ttl(
+        if not envelope.fresh_until:
+            ttl = self.settings.local_ttl
+            if envelope.expires_at:
+                ttl = min(ttl, envelope.expires_at - now)
+            return ttl
+        return self._local_ttl(
             self.settings.local_ttl, envelope.fresh_until, envelope.load_seconds, now
         )
-        if not envelope.fresh_until and envelope.expires_at:
-            ttl = min(ttl, envelope.expires_at - now)
-        return ttl
 
     def _local_ttl(
         self, ttl: float, fresh_until: float, load_seconds: float, now: float

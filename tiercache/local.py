@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,15 +17,51 @@ from .sentinel import MISSING
 # slots and LRU links, plus about 80 bytes of object headers. An estimate.
 ENTRY_OVERHEAD = 300
 
-_PRUNE_AT = 100_000
+# Keys of recent invalidations kept for the fill guard (about 2 MB at most).
+_PRUNE_AT = 10_000
 
 
 class _CountingLRU(LRUCache[str, tuple[float, Any, int]]):
+    """cachetools' LRU with an eviction count and a lookup that never raises.
+
+    :meth:`peek` and :meth:`touch` read cachetools' own entry dict and
+    recency order directly. A miss then costs one dict lookup instead of two
+    KeyErrors raised and caught inside cachetools (about 1 µs), and a hit
+    skips two Python-level calls. ``peek`` followed by ``touch`` is what
+    ``self[key]`` does.
+    """
+
     evictions = 0
+
+    def __init__(
+        self, maxsize: int, getsizeof: Callable[[tuple[float, Any, int]], int]
+    ) -> None:
+        super().__init__(maxsize, getsizeof)
+        # NOTE: private attributes of cachetools 5.3 to 8.0 (name-mangled
+        # Cache.__data and LRUCache.__order). Should a release rename them,
+        # the slower public lookup below takes over, and a test fails to say so.
+        data: dict[str, Any] | None = getattr(self, "_Cache__data", None)
+        order: collections.OrderedDict[str, None] | None = getattr(
+            self, "_LRUCache__order", None
+        )
+        self.direct = isinstance(data, dict) and isinstance(
+            order, collections.OrderedDict
+        )
+        if self.direct:
+            assert data is not None and order is not None
+            self.peek: Callable[[str], tuple[float, Any, int] | None] = data.get
+            self.touch: Callable[[str], None] = order.move_to_end
+        else:
+            self.peek = self.get
+            self.touch = _touched_by_get
 
     def popitem(self) -> tuple[str, tuple[float, Any, int]]:
         self.evictions += 1
         return super().popitem()
+
+
+def _touched_by_get(key: str) -> None:
+    """Do nothing: without direct access, ``peek`` already moved the key."""
 
 
 def _entry_size(entry: tuple[float, Any, int]) -> int:
@@ -39,9 +76,12 @@ class LocalTier:
     that key (and no :meth:`clear`) happened since the token was taken. A
     reader that loaded the old row before a write committed, and stores it
     after this process heard of the write, is dropped here, so L1 can't hold
-    a value older than the last invalidation it received. The per-key record
-    of invalidations is kept only while fills are in flight, so it stays
-    small.
+    a value older than the last invalidation it received.
+
+    The per-key record of invalidations is bounded: when it grows past
+    :data:`_PRUNE_AT` keys, its older half is dropped, and every fill whose
+    token predates the dropped records is voided as a whole. A fill that
+    is dropped needlessly only costs a later read; none is stored wrongly.
     """
 
     def __init__(
@@ -57,9 +97,10 @@ class LocalTier:
         self._lru = _CountingLRU(maxsize=max_bytes, getsizeof=_entry_size)
         self._lock = threading.Lock()
         self._seq = 0
-        self._flushed_at = 0
+        # Fills whose token is below this are void: set by clear() and by
+        # pruning the record of invalidations.
+        self._void_before = 0
         self._invalidated: dict[str, int] = {}
-        self._fills: dict[int, int] = {}
         self.hits = 0
         self.misses = 0
         self.fills = 0
@@ -70,36 +111,28 @@ class LocalTier:
     def get(self, key: str) -> Any:
         """Return the stored item for ``key`` or ``MISSING``; drop it if expired."""
         with self._lock:
-            try:
-                entry = self._lru[key]
-            except KeyError:
+            lru = self._lru
+            entry = lru.peek(key)
+            if entry is None:
                 self.misses += 1
                 return MISSING
             if entry[0] <= self._clock():
-                del self._lru[key]
+                del lru[key]
                 self.expirations += 1
                 self.misses += 1
                 return MISSING
+            lru.touch(key)
             self.hits += 1
             return entry[1]
 
     def begin_fill(self) -> int:
-        """Take a fill token; pass it to :meth:`fill` and then :meth:`end_fill`."""
-        with self._lock:
-            token = self._seq
-            self._fills[token] = self._fills.get(token, 0) + 1
-            return token
+        """Return a fill token to pass to :meth:`fill`; nothing needs releasing.
 
-    def end_fill(self, token: int) -> None:
-        """Release a token from :meth:`begin_fill`, stored or not."""
-        with self._lock:
-            left = self._fills[token] - 1
-            if left:
-                self._fills[token] = left
-            else:
-                del self._fills[token]
-            if not self._fills:
-                self._invalidated.clear()
+        Read without the lock: an invalidation in progress has already
+        bumped the sequence, and its keys were deleted from L2 before this
+        process was told, so a caller holding the new token reads them fresh.
+        """
+        return self._seq
 
     def is_voided(self, key: str, token: int) -> bool:
         """Tell whether ``key`` was invalidated (or L1 cleared) after ``token``.
@@ -107,7 +140,7 @@ class LocalTier:
         Exact while the token's fill is in flight, which keeps the record.
         """
         with self._lock:
-            return self._flushed_at > token or self._invalidated.get(key, -1) > token
+            return token < self._void_before or self._invalidated.get(key, -1) > token
 
     def fill(self, key: str, item: Any, size: int, ttl: float, token: int) -> bool:
         """Store ``item`` unless ``key`` was invalidated after ``token`` was taken.
@@ -131,7 +164,7 @@ class LocalTier:
         self, key: str, item: Any, size: int, expires_at: float, token: int
     ) -> bool:
         charged = size + len(key) + ENTRY_OVERHEAD
-        if self._flushed_at > token or self._invalidated.get(key, -1) > token:
+        if token < self._void_before or self._invalidated.get(key, -1) > token:
             self.dropped_fills += 1
             return False
         if charged > self.max_bytes:
@@ -175,13 +208,17 @@ class LocalTier:
         removed = 0
         with self._lock:
             self._seq += 1
-            track = bool(self._fills)
+            seq = self._seq
+            lru = self._lru
+            invalidated = self._invalidated
             for key in keys:
-                if self._lru.pop(key, None) is not None:
+                # Most keys a process is told about are not in its L1:
+                # peek first, since a failed pop raises inside cachetools.
+                if lru.peek(key) is not None:
+                    del lru[key]
                     removed += 1
-                if track:
-                    self._invalidated[key] = self._seq
-            if len(self._invalidated) > _PRUNE_AT:
+                invalidated[key] = seq
+            if len(invalidated) > _PRUNE_AT:
                 self._prune()
         return removed
 
@@ -189,19 +226,22 @@ class LocalTier:
         """Drop every entry and void every fill in flight."""
         with self._lock:
             self._seq += 1
-            self._flushed_at = self._seq
+            self._void_before = self._seq
             self._lru.clear()
             self._invalidated.clear()
 
     def reset_after_fork(self) -> None:
         """Recreate the lock in a forked child, where it may have been held."""
         self._lock = threading.Lock()
-        self._fills.clear()
         self.clear()
 
     def _prune(self) -> None:
-        oldest = min(self._fills, default=self._seq)
-        self._invalidated = {k: s for k, s in self._invalidated.items() if s > oldest}
+        # Drop the older half of the records. A fill whose token is below
+        # the cutoff might have been voided by a dropped record, so it is
+        # voided outright; later tokens lose nothing.
+        cutoff = sorted(self._invalidated.values())[len(self._invalidated) // 2]
+        self._invalidated = {k: s for k, s in self._invalidated.items() if s > cutoff}
+        self._void_before = max(self._void_before, cutoff)
 
     def __len__(self) -> int:
         return len(self._lru)

@@ -78,5 +78,4 @@ class RefreshMixin(FillMixin):
             self.refresh_errors += 1
             log.exception("background refresh failed; the stale value stays")
         finally:
-            self.local.end_fill(token)
             self.remote.delete_many([marker])

@@ -25,7 +25,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import (
@@ -61,6 +61,7 @@ _TOMBSTONE_SEPARATOR = b" "
 # with "!" because every key starts with its namespace.
 _TOMBSTONE_FLUSH = b"!flush"
 _T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,21 @@ class RemoteTier:
         return by_node
 
     def _client(self, node: Node) -> Client:
+        # A forked child gets a new thread-local in reset_after_fork, so it
+        # never reuses a socket of its parent.
         local = self._local
         clients: dict[str, Client] | None = getattr(local, "clients", None)
-        if clients is None or local.pid != os.getpid():
+        if clients is None:
             clients = local.clients = {}
-            local.pid = os.getpid()
         client = clients.get(node.address)
         if client is None:
             client = clients[node.address] = node.make_client()
         return client
 
-    def _run(self, node: Node, command: Callable[[Client], _T]) -> _T:
-        """Run ``command`` on this thread's client for ``node``.
+    def _run(
+        self, node: Node, command: Callable[[Client, *_Args], _T], *args: *_Args
+    ) -> _T:
+        """Run ``command(client, *args)`` on this thread's client for ``node``.
 
         A socket the server closed while idle (a restart) fails the first
         command sent on it. That command is retried once on a fresh socket,
@@ -195,12 +199,12 @@ class RemoteTier:
             + self.settings.connect_timeout
         )
         try:
-            return command(client)
+            return command(client, *args)
         except CLOSED_ERRORS:
             if not reused:
                 raise
             self._close(node)
-            return command(self._client(node))
+            return command(self._client(node), *args)
         except (KeyError, ValueError) as exc:
             # pymemcache raises these for a reply it can't match to the
             # request; the socket is out of step, so it must not be reused.
@@ -426,7 +430,7 @@ class RemoteTier:
         if not self._usable(node):
             return DOWN
         try:
-            found = self._run(node, lambda c: get_one(c, key))
+            found = self._run(node, get_one, key)
         except (*FAULTS, ValueError) as exc:
             self._fail(node, exc)
             return DOWN

@@ -14,7 +14,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
@@ -100,26 +100,35 @@ class DeadlineSocket(socket.socket):
     """
 
     _base_timeout: float | None = None
+    # The timeout the socket has now. Python's settimeout is a system call
+    # (it switches the descriptor's blocking mode), so it is made only when
+    # the timeout changes: near a command's deadline, and once after it.
+    _applied_timeout: float | None = None
 
     def settimeout(self, value: float | None) -> None:
         self._base_timeout = value
-        super().settimeout(value)
+        self._apply_timeout(value)
+
+    def _apply_timeout(self, value: float | None) -> None:
+        if value != self._applied_timeout:
+            super().settimeout(value)
+            self._applied_timeout = value
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        super().settimeout(self._base_timeout)
+        self._apply_timeout(self._base_timeout)
         super().sendall(data, flags)
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         deadline: float | None = getattr(command_deadline, "at", None)
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("memcached command deadline passed")
-            base = self._base_timeout
-            super().settimeout(remaining if base is None else min(remaining, base))
+        if deadline is None:
+            return super().recv(size, flags)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("memcached command deadline passed")
+        base = self._base_timeout
+        self._apply_timeout(remaining if base is None or remaining < base else base)
         data = super().recv(size, flags)
-        if deadline is not None:
-            command_deadline.at = deadline + len(data) / MIN_TRANSFER_RATE
+        command_deadline.at = deadline + len(data) / MIN_TRANSFER_RATE
         return data
 
 
@@ -136,11 +145,14 @@ def delete_chunk(keys: list[str]) -> Callable[[Client], None]:
 
 
 def get_one(client: Client, key: str) -> tuple[int, bytes] | None:
-    """Read one key with the same parser as the pipelined multi-get.
+    """Read one key: return its ``(flags, bytes)``, or ``None`` on a miss.
 
     pymemcache's own ``get`` checks the key and parses the reply line by
     line. The key here is already a valid memcached key, and every L2 hit
     takes this path.
+
+    :raises ValueError: for a reply that isn't one value or ``END`` (the
+        socket is closed, so nothing of it is read again).
     """
     if client.sock is None:
         # NOTE: pymemcache opens sockets lazily in a private method.
@@ -149,11 +161,49 @@ def get_one(client: Client, key: str) -> tuple[int, bytes] | None:
     assert sock is not None
     try:
         sock.sendall(b"get " + key.encode("ascii") + b"\r\n")
-        values = read_values(sock)
+        return _read_one(sock, key)
     except BaseException:
         client.close()
         raise
-    return values.get(key)
+
+
+_END = b"END\r\n"
+_VALUE_END = b"\r\nEND\r\n"
+
+
+def _read_one(sock: socket.socket, key: str) -> tuple[int, bytes] | None:
+    """Parse the reply to ``get key``: one ``VALUE`` block and ``END``, or ``END``."""
+    reply = _recv_some(sock)
+    while True:
+        if reply == _END:
+            return None
+        line_end = reply.find(b"\r\n")
+        if line_end >= 0:
+            break
+        reply += _recv_some(sock)
+    parts = reply[:line_end].split()
+    if len(parts) != 4 or parts[0] != b"VALUE" or parts[1] != key.encode("ascii"):
+        raise ValueError(f"unexpected memcached reply {reply[:40]!r}")
+    size = int(parts[3])
+    start = line_end + 2
+    total = start + size + len(_VALUE_END)
+    if len(reply) < total:
+        # A large value arrives in several chunks: collect them in one buffer.
+        buffer = bytearray(reply)
+        while len(buffer) < total:
+            buffer += sock.recv(max(65536, total - len(buffer))) or _closed()
+        reply = bytes(buffer)
+    if len(reply) != total or not reply.endswith(_VALUE_END):
+        raise ValueError(f"unexpected memcached reply after {reply[:40]!r}")
+    return int(parts[2]), reply[start : start + size]
+
+
+def _recv_some(sock: socket.socket) -> bytes:
+    return sock.recv(65536) or _closed()
+
+
+def _closed() -> NoReturn:
+    raise ConnectionResetError("memcached closed the connection")
 
 
 def read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
