@@ -135,9 +135,8 @@ def test_lookup_reads_cachetools_directly() -> None:
 
 def test_public_lookup_keeps_lru_order() -> None:
     tier = make_tier(max_entries=3)
-    lru = tier._lru
-    lru.peek = lru.get
-    lru.touch = _touched_by_get
+    tier._peek = tier._lru.get
+    tier._touch = _touched_by_get
     for key in ("a", "b", "c"):
         put(tier, key, key)
     assert tier.get("a") == "a"

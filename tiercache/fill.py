@@ -53,6 +53,9 @@ class _Unparsed:
 UNPARSED: Final = _Unparsed()
 """Marks a read whose caller must still parse the L1 item for its own copy."""
 
+_UNREAD: Final = object()
+"""Passed as ``found`` when L2 has not been read yet."""
+
 _LEASE_POLL_FIRST = 0.002
 # Waiters poll L2 at most this far apart, so they see a fill soon after it lands.
 _LEASE_POLL_MAX = 0.01
@@ -122,7 +125,7 @@ class FillMixin:
             return orjson.loads(item)
         return item
 
-    def _load_shared(
+    def _read_through(
         self,
         key: str | bytes,
         wire: str,
@@ -130,18 +133,41 @@ class FillMixin:
         ttl: TtlArg,
         use_local: bool,
     ) -> Any:
+        """Serve an L2 hit at once; on a miss, load as :meth:`_load_shared` does.
+
+        Threads that miss L1 together each read L2 (one round trip, which
+        is what waiting for another thread's read would cost). Only the
+        load from the origin is shared, and leases share it between
+        processes. Returns ``(item, value)`` like :meth:`_load_shared`.
+        """
+        token = self.local.begin_fill()
+        found = self._read_remote(wire)
+        if found is not MISSING and found.kind is not KIND_LEASE:
+            return self._use_remote(key, wire, loader, ttl, found, token, use_local)
+        return self._load_shared(key, wire, loader, ttl, use_local, (token, found))
+
+    def _load_shared(
+        self,
+        key: str | bytes,
+        wire: str,
+        loader: Callable[[Any], Any] | None,
+        ttl: TtlArg,
+        use_local: bool,
+        read: tuple[int, Any] | None = None,
+    ) -> Any:
         """Fill ``wire`` once per process however many threads miss it at once.
 
         Returns ``(item, value)``: the L1 item and the caller's value, or
         ``UNPARSED`` when the caller shares another thread's fill and must
-        take its own copy of the item.
+        take its own copy of the item. ``read`` is ``(token, found)`` of an
+        L2 read the caller made already, with the token taken before it.
 
         A caller joins a flight only if the key was not invalidated since the
         flight began: that flight may be loading the row a write has since
         replaced, and a caller that arrives after the write must see it.
         Such a caller starts a new flight in the old one's place.
         """
-        token = self.local.begin_fill()
+        token, found = (self.local.begin_fill(), _UNREAD) if read is None else read
         with self._flights_lock:
             flight = self._flights.get(wire)
             leader = flight is None or self.local.is_voided(wire, flight.token)
@@ -157,9 +183,9 @@ class FillMixin:
                     raise flight.error
                 return flight.item, UNPARSED
             # NOTE: the leader is slower than fill_wait; load without sharing.
-            return self._fetch(key, wire, loader, ttl, use_local, token)
+            return self._fetch(key, wire, loader, ttl, use_local, token, found)
         try:
-            item, value = self._fetch(key, wire, loader, ttl, use_local, token)
+            item, value = self._fetch(key, wire, loader, ttl, use_local, token, found)
             flight.item = item
             return item, value
         except BaseException as exc:
@@ -181,16 +207,19 @@ class FillMixin:
         ttl: TtlArg,
         use_local: bool,
         token: int,
+        found: Any = _UNREAD,
     ) -> Any:
         """Read L2, then load through a lease; return ``(L1 item, value)``.
 
         ``token`` was taken before L2 is read: an invalidation that arrives
         after that voids the L1 fill below, even if L2 returned a value
-        the invalidation was about.
+        the invalidation was about. ``found`` is what an earlier L2 read
+        with this token returned, or ``_UNREAD``.
         """
         lease: bytes | None = None
         if self.remote is not None:
-            found = self._read_remote(wire)
+            if found is _UNREAD:
+                found = self._read_remote(wire)
             if found is not MISSING and found.kind is not KIND_LEASE:
                 return self._use_remote(key, wire, loader, ttl, found, token, use_local)
             lease, found = self._acquire_lease(wire, found)

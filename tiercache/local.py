@@ -95,6 +95,8 @@ class LocalTier:
         self.max_bytes = max_bytes
         self._clock = clock
         self._lru = _CountingLRU(maxsize=max_bytes, getsizeof=_entry_size)
+        self._peek = self._lru.peek
+        self._touch = self._lru.touch
         self._lock = threading.Lock()
         self._seq = 0
         # Fills whose token is below this are void: set by clear() and by
@@ -111,17 +113,16 @@ class LocalTier:
     def get(self, key: str) -> Any:
         """Return the stored item for ``key`` or ``MISSING``; drop it if expired."""
         with self._lock:
-            lru = self._lru
-            entry = lru.peek(key)
+            entry = self._peek(key)
             if entry is None:
                 self.misses += 1
                 return MISSING
             if entry[0] <= self._clock():
-                del lru[key]
+                del self._lru[key]
                 self.expirations += 1
                 self.misses += 1
                 return MISSING
-            lru.touch(key)
+            self._touch(key)
             self.hits += 1
             return entry[1]
 
@@ -214,7 +215,7 @@ class LocalTier:
             for key in keys:
                 # Most keys a process is told about are not in its L1:
                 # peek first, since a failed pop raises inside cachetools.
-                if lru.peek(key) is not None:
+                if self._peek(key) is not None:
                     del lru[key]
                     removed += 1
                 invalidated[key] = seq
