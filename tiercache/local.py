@@ -130,8 +130,8 @@ class LocalTier:
         """Return a fill token to pass to :meth:`fill`; nothing needs releasing.
 
         Read without the lock: an invalidation in progress has already
-        bumped the sequence, and its keys were deleted from L2 before this
-        process was told, so a caller holding the new token reads them fresh.
+        incremented the sequence, and its keys were deleted from L2 before this
+        process received it, so a caller holding the new token reads them fresh.
         """
         return self._seq
 
@@ -213,7 +213,7 @@ class LocalTier:
             lru = self._lru
             invalidated = self._invalidated
             for key in keys:
-                # Most keys a process is told about are not in its L1:
+                # Most invalidated keys are not in this process's L1:
                 # peek first, since a failed pop raises inside cachetools.
                 if self._peek(key) is not None:
                     del lru[key]

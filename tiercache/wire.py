@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import socket
+import struct
 import threading
 import time
 import types
@@ -97,39 +98,83 @@ class DeadlineSocket(socket.socket):
     at a time hold a command far longer than ``read_timeout``. Each byte
     received extends the deadline at :data:`MIN_TRANSFER_RATE`, so a large
     value on a busy host still arrives while a trickle does not.
+
+    Once connected, the socket is blocking as Python sees it, and the
+    kernel enforces the timeouts (``SO_RCVTIMEO`` and ``SO_SNDTIMEO``).
+    Python's own timeout mode polls before every send and receive, which
+    costs two more system calls per command. A kernel timeout is raised
+    as ``TimeoutError``, as Python's would be.
     """
 
     _base_timeout: float | None = None
-    # The timeout the socket has now. Python's settimeout is a system call
-    # (it switches the descriptor's blocking mode), so it is made only when
-    # the timeout changes: near a command's deadline, and once after it.
-    _applied_timeout: float | None = None
+    # Whether the timeouts are the kernel's (after the first send).
+    _kernel_timeouts = False
+    # The SO_RCVTIMEO in force: set again only when it must change, near a
+    # command's deadline and once after it.
+    _receive_timeout: float | None = None
 
     def settimeout(self, value: float | None) -> None:
         self._base_timeout = value
-        self._apply_timeout(value)
-
-    def _apply_timeout(self, value: float | None) -> None:
-        if value != self._applied_timeout:
+        if self._kernel_timeouts:
+            self._set_kernel_timeout(socket.SO_SNDTIMEO, value)
+            self._set_kernel_timeout(socket.SO_RCVTIMEO, value)
+            self._receive_timeout = value
+        else:
+            # connect() honours Python's timeout.
             super().settimeout(value)
-            self._applied_timeout = value
+
+    def _use_kernel_timeouts(self) -> None:
+        base = self._base_timeout
+        super().settimeout(None)
+        self._set_kernel_timeout(socket.SO_SNDTIMEO, base)
+        self._set_kernel_timeout(socket.SO_RCVTIMEO, base)
+        self._receive_timeout = base
+        self._kernel_timeouts = True
+
+    def _set_kernel_timeout(self, option: int, seconds: float | None) -> None:
+        if seconds is None:
+            whole, micros = 0, 0  # a zero timeval means no timeout
+        else:
+            whole = int(seconds)
+            # At least 1 µs: a zero timeval would mean "wait forever".
+            micros = max(int((seconds - whole) * 1_000_000), 0 if whole else 1)
+        self.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micros))
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        self._apply_timeout(self._base_timeout)
-        super().sendall(data, flags)
+        if not self._kernel_timeouts:
+            self._use_kernel_timeouts()
+        elif self._receive_timeout != self._base_timeout:
+            self._set_kernel_timeout(socket.SO_RCVTIMEO, self._base_timeout)
+            self._receive_timeout = self._base_timeout
+        try:
+            super().sendall(data, flags)
+        except BlockingIOError:
+            raise TimeoutError("memcached send timed out") from None
 
     def recv(self, size: int, flags: int = 0) -> bytes:
+        if not self._kernel_timeouts:
+            self._use_kernel_timeouts()
         deadline: float | None = getattr(command_deadline, "at", None)
-        if deadline is None:
-            return super().recv(size, flags)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("memcached command deadline passed")
-        base = self._base_timeout
-        self._apply_timeout(remaining if base is None or remaining < base else base)
-        data = super().recv(size, flags)
-        command_deadline.at = deadline + len(data) / MIN_TRANSFER_RATE
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("memcached command deadline passed")
+            base = self._base_timeout
+            wanted = remaining if base is None or remaining < base else base
+            if wanted != self._receive_timeout:
+                self._set_kernel_timeout(socket.SO_RCVTIMEO, wanted)
+                self._receive_timeout = wanted
+        try:
+            data = super().recv(size, flags)
+        except BlockingIOError:
+            raise TimeoutError("memcached read timed out") from None
+        if deadline is not None:
+            command_deadline.at = deadline + len(data) / MIN_TRANSFER_RATE
         return data
+
+
+# struct timeval for SO_RCVTIMEO and SO_SNDTIMEO: two C longs.
+_TIMEVAL = struct.Struct("@ll")
 
 
 # The socket module as pymemcache uses it, with the socket class replaced.
