@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -12,10 +13,29 @@ from cachetools import LRUCache
 
 from .sentinel import MISSING
 
-# Bytes charged per entry on top of the key's and value's lengths. Measured
-# with tracemalloc on CPython 3.11: about 230 bytes of entry tuple, dict
-# slots and LRU links, plus about 80 bytes of object headers. An estimate.
-ENTRY_OVERHEAD = 300
+
+
+def _pymalloc_block(size: int) -> int:
+    """Return the bytes pymalloc reserves for an object of ``size`` bytes."""
+    return -(-size // 16) * 16
+
+
+# Bytes charged per entry besides its item, its key and the LRU's hash
+# tables (counted at their real size): the entry's tuple and the float and
+# int in it, in pymalloc's 16-byte blocks, and 24 bytes of mean allocator
+# rounding (8 for the key in pymalloc, 16 for a body over 512 bytes in glibc
+# malloc). From sys.getsizeof and tracemalloc on CPython 3.11, x86-64.
+ENTRY_OVERHEAD = (
+    _pymalloc_block(sys.getsizeof((0.0, None, 0)))
+    + _pymalloc_block(sys.getsizeof(0.0))
+    + _pymalloc_block(sys.getsizeof(2**20))
+    + 24
+)
+# The size of a str beyond its length when every character is ASCII, as
+# memcached keys are.
+_ASCII_STR_HEADER = sys.getsizeof("")
+# Hash-table bytes per entry assumed when cachetools' tables can't be sized.
+_TABLE_BYTES_ESTIMATE = 250
 
 # Keys of recent invalidations kept for the fill guard (about 2 MB at most).
 _PRUNE_AT = 10_000
@@ -41,19 +61,35 @@ class _CountingLRU(LRUCache[str, tuple[float, Any, int]]):
         # Cache.__data and LRUCache.__order). Should a release rename them,
         # the slower public lookup below takes over, and a test fails to say so.
         data: dict[str, Any] | None = getattr(self, "_Cache__data", None)
+        sizes: dict[str, int] | None = getattr(self, "_Cache__size", None)
         order: collections.OrderedDict[str, None] | None = getattr(
             self, "_LRUCache__order", None
         )
-        self.direct = isinstance(data, dict) and isinstance(
-            order, collections.OrderedDict
+        self.direct = (
+            isinstance(data, dict)
+            and isinstance(sizes, dict)
+            and isinstance(order, collections.OrderedDict)
         )
         if self.direct:
-            assert data is not None and order is not None
+            assert data is not None and sizes is not None and order is not None
             self.peek: Callable[[str], tuple[float, Any, int] | None] = data.get
             self.touch: Callable[[str], None] = order.move_to_end
+            self._sizeof_tables = (data.__sizeof__, sizes.__sizeof__, order.__sizeof__)
         else:
             self.peek = self.get
             self.touch = _touched_by_get
+
+    def table_bytes(self) -> int:
+        """Return the bytes of the hash tables and order list behind the entries.
+
+        They count against the byte bound: a dict does not shrink when
+        entries are evicted, only when a later insertion resizes it, so a
+        table grown by many small entries stays while large ones follow.
+        """
+        if self.direct:
+            data, sizes, order = self._sizeof_tables
+            return data() + sizes() + order()
+        return len(self) * _TABLE_BYTES_ESTIMATE
 
     def popitem(self) -> tuple[str, tuple[float, Any, int]]:
         self.evictions += 1
@@ -164,17 +200,24 @@ class LocalTier:
     def _fill_locked(
         self, key: str, item: Any, size: int, expires_at: float, token: int
     ) -> bool:
-        charged = size + len(key) + ENTRY_OVERHEAD
         if token < self._void_before or self._invalidated.get(key, -1) > token:
             self.dropped_fills += 1
             return False
-        if charged > self.max_bytes:
+        lru = self._lru
+        charged = size + len(key) + _ASCII_STR_HEADER + ENTRY_OVERHEAD
+        if charged + lru.table_bytes() > self.max_bytes:
             self.oversized += 1
-            self._lru.pop(key, None)
+            if self._peek(key) is not None:
+                del lru[key]
             return False
-        self._lru[key] = (expires_at, item, charged)
-        while len(self._lru) > self.max_entries:
-            self._lru.popitem()
+        # cachetools evicts until the entries' charges fit max_bytes; the
+        # loops below add the entry bound and the tables' bytes.
+        lru[key] = (expires_at, item, charged)
+        while len(lru) > self.max_entries:
+            lru.popitem()
+        max_bytes = self.max_bytes
+        while lru.currsize + lru.table_bytes() > max_bytes and len(lru) > 1:
+            lru.popitem()
         self.fills += 1
         return True
 
@@ -253,8 +296,8 @@ class LocalTier:
 
     @property
     def current_bytes(self) -> int:
-        """Bytes charged for the entries held now."""
-        return int(self._lru.currsize)
+        """Bytes charged for the entries held now, plus the LRU's hash tables."""
+        return int(self._lru.currsize) + self._lru.table_bytes()
 
     @property
     def evictions(self) -> int:
