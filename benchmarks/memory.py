@@ -15,18 +15,27 @@ Each variant runs twice in a fresh child process: once under tracemalloc,
 which counts the bytes Python allocated and has not freed after the fill, and
 once without it, reading the resident set size from ``/proc/self/statm``,
 also after ``malloc_trim(0)`` returns freed heap pages to the system. Growth
-is measured from just before the fill to just after it, and the cache's
-entries are the only thing the fill keeps. The target is growth of at most
-the bound plus 15%. The traced peak includes the loader's 70 MiB exports
-and their JSON while they pass through.
+is measured from just before the fill to just after it. The fill keeps the
+cache's entries and the key memo of ``TieredCache.keys`` (up to 65,536 recent
+keys with their memcached keys), which is not part of L1 and which the
+traced run measures on its own by clearing it. The target is growth of at
+most the bound plus 15%. The traced peak includes the loader's 70 MiB
+exports and their JSON while they pass through.
 
-L1 charges each entry its JSON body's length plus the key and a fixed
-overhead. With ``local_copy=True`` it stores the body that ``orjson.dumps``
-returned, and orjson 3.13 leaves that ``bytes`` object holding its whole
-output buffer, several times the body's length (see :func:`trim_bodies`).
-With ``local_copy=False`` it stores the decoded Python objects, which take
-more bytes than their JSON. The ``trimmed`` variant patches tiercache in its
-own child process only, to show what storing exact-size copies would save.
+L1 charges each entry its item, ``sys.getsizeof`` of its key, a fixed
+``ENTRY_OVERHEAD`` for the entry's tuple, float and int, and the LRU's hash
+table. With ``local_copy=True`` the item is the JSON body, charged its
+``sys.getsizeof``: ``codec.dump_body`` copies orjson's output into a
+``bytes`` object of its own length, because orjson 3.13 returns ``bytes``
+that keep its whole output buffer (4 KiB for a 0.8 KB profile, 254 KiB for a
+20 KB template, 63 MiB for a 2 MB segment, measured with tracemalloc). With
+``local_copy=False`` it stores the decoded Python objects and charges five
+times the JSON length, an estimate.
+
+The RSS run also reports how much pymalloc's free pools grew: pools that
+contain no object but stay resident in an arena that still contains one.
+CPython 3.11 returns an arena to the system only when all of its pools are
+free, and ``malloc_trim`` does not reach them.
 """
 
 from __future__ import annotations
@@ -39,13 +48,15 @@ import multiprocessing
 import os
 import queue
 import random
+import re
+import sys
+import tempfile
 import tracemalloc
 from typing import Any
 
 import _common
-import orjson
 
-from tiercache import Settings, TieredCache, codec
+from tiercache import Settings, TieredCache
 
 MIB = 1024 * 1024
 BOUND = 64 * MIB
@@ -53,12 +64,10 @@ TARGET_RATIO = 1.15
 EXPORT_BYTES = 70 * MIB
 SEGMENT_MEMBERS = 250_000
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-# (label, local_copy, trim): the last trims orjson's buffers in this
-# benchmark only, to show what the proposed fix would save.
+# (label, local_copy)
 VARIANTS = (
-    ("local_copy=True", True, False),
-    ("local_copy=False", False, False),
-    ("local_copy=True, trimmed", True, True),
+    ("local_copy=True", True),
+    ("local_copy=False", False),
 )
 
 
@@ -140,27 +149,35 @@ def fill(cache: TieredCache, reads: list[tuple[str, int]]) -> None:
         )
 
 
-def trim_bodies() -> None:
-    """Make tiercache store exact-size copies of orjson's output.
+def pymalloc_free_pool_bytes() -> int:
+    """Return the bytes of empty pymalloc pools in arenas still in use.
 
-    orjson 3.13 returns ``bytes`` whose allocation keeps the capacity of its
-    output buffer: about 4 KiB for a 0.8 KB profile, 250 KiB for a 20 KB
-    template, 63 MiB for a 2 MB segment, measured with tracemalloc.
-    ``bytes(memoryview(body))`` copies the body into an allocation of its
-    own length.
+    The figure comes from ``sys._debugmallocstats``, which writes to file
+    descriptor 2. It includes the pools not yet used in the newest arena,
+    less than 1 MiB.
     """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as output:
+        os.dup2(output.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        output.seek(0)
+        text = output.read().decode("ascii", "replace")
+    found = re.search(r"^(\d+) unused pools \* (\d+) bytes", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(
+            "sys._debugmallocstats output has no 'unused pools' line: "
+            "is pymalloc disabled (PYTHONMALLOC set)?"
+        )
+    return int(found[1]) * int(found[2])
 
-    def dump_exact(value: Any) -> bytes:
-        return bytes(memoryview(orjson.dumps(value)))
 
-    codec.dump_body = dump_exact
-
-
-def measure(local_copy: bool, trim: bool, traced: bool, quick: bool) -> dict[str, Any]:
+def measure(local_copy: bool, traced: bool, quick: bool) -> dict[str, Any]:
     """Fill one cache in this (child) process; return its figures and growth."""
-    if trim:
-        trim_bodies()
-
     reads = plan(quick)
     settings = Settings(
         memcached_servers=(),
@@ -178,17 +195,16 @@ def measure(local_copy: bool, trim: bool, traced: bool, quick: bool) -> dict[str
         tracemalloc.start()
     traced_before = tracemalloc.get_traced_memory()[0] if traced else 0
     rss_before = rss_bytes()
+    # sys._debugmallocstats prints nothing while tracemalloc wraps pymalloc.
+    free_pools_before = 0 if traced else pymalloc_free_pool_bytes()
     fill(cache, reads)
 
     gc.collect()
     result: dict[str, Any] = {"rss": rss_bytes() - rss_before}
     malloc_trim()
     result["rss_trimmed"] = rss_bytes() - rss_before
-    if traced:
-        current, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        result["traced"] = current - traced_before
-        result["traced_peak"] = peak - traced_before
+    if not traced:
+        result["free_pools"] = pymalloc_free_pool_bytes() - free_pools_before
 
     local = cache.stats()["local"]
     result.update(
@@ -198,6 +214,16 @@ def measure(local_copy: bool, trim: bool, traced: bool, quick: bool) -> dict[str
         evictions=local["evictions"],
         kept=count_kept(cache, reads),
     )
+    if traced:
+        current, peak = tracemalloc.get_traced_memory()
+        result["traced"] = current - traced_before
+        result["traced_peak"] = peak - traced_before
+        # The memo's own bytes: its links, the callers' keys, and the
+        # memcached keys that no L1 entry shares.
+        cache.keys._memo.cache_clear()
+        gc.collect()
+        result["key_memo"] = current - tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
     return result
 
 
@@ -209,24 +235,20 @@ def count_kept(cache: TieredCache, reads: list[tuple[str, int]]) -> dict[str, in
     return kept
 
 
-def child_main(
-    local_copy: bool, trim: bool, traced: bool, quick: bool, results: Any
-) -> None:
+def child_main(local_copy: bool, traced: bool, quick: bool, results: Any) -> None:
     try:
-        results.put(measure(local_copy, trim, traced, quick))
+        results.put(measure(local_copy, traced, quick))
     except BaseException as exc:
         results.put(f"{type(exc).__name__}: {exc}")
         raise
 
 
-def run_child(
-    local_copy: bool, trim: bool, traced: bool, quick: bool
-) -> dict[str, Any]:
+def run_child(local_copy: bool, traced: bool, quick: bool) -> dict[str, Any]:
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     child = context.Process(
         target=child_main,
-        args=(local_copy, trim, traced, quick, results),
+        args=(local_copy, traced, quick, results),
         daemon=True,
     )
     child.start()
@@ -259,8 +281,10 @@ def report(results: dict[str, dict[str, Any]]) -> None:
                 mib(result["charged"]),
                 mib(result["traced"]),
                 f"{result['traced'] / BOUND:.2f}",
+                mib(result["key_memo"]),
                 mib(result["rss"]),
                 mib(result["rss_trimmed"]),
+                mib(result["free_pools"]),
                 mib(result["traced_peak"]),
                 _common.verdict(result["traced"], target),
                 _common.verdict(result["rss_trimmed"], target),
@@ -277,8 +301,10 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             "L1 charged MiB",
             "traced MiB",
             "traced / bound",
+            "of which key memo MiB",
             "RSS MiB",
             "RSS after trim MiB",
+            "pymalloc free pools MiB",
             "traced peak MiB",
             "traced ≤ target",
             "RSS after trim ≤ target",
@@ -323,11 +349,11 @@ def main() -> None:
     args = parse_args()
     _common.print_header("memory.py: memory of a full L1", args.quick)
     results: dict[str, dict[str, Any]] = {}
-    for label, local_copy, trim in VARIANTS:
-        traced = run_child(local_copy, trim, traced=True, quick=args.quick)
-        untraced = run_child(local_copy, trim, traced=False, quick=args.quick)
-        traced["rss"] = untraced["rss"]
-        traced["rss_trimmed"] = untraced["rss_trimmed"]
+    for label, local_copy in VARIANTS:
+        traced = run_child(local_copy, traced=True, quick=args.quick)
+        untraced = run_child(local_copy, traced=False, quick=args.quick)
+        for key in ("rss", "rss_trimmed", "free_pools"):
+            traced[key] = untraced[key]
         results[label] = traced
     reads = plan(args.quick)
     counts = {kind: sum(1 for k, _ in reads if k == kind) for kind in MAKERS}
