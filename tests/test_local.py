@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import sys
 import threading
+import tracemalloc
 from collections import OrderedDict
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -70,26 +74,105 @@ def test_bound_by_entries_keeps_newest() -> None:
     assert [tier.get(f"k{index}") for index in range(40, 50)] == list(range(40, 50))
 
 
+def key_bytes(key: str) -> int:
+    return sys.getsizeof(key)
+
+
 def test_bound_by_bytes() -> None:
-    per_entry = 1000 + len("k00") + ENTRY_OVERHEAD
-    tier = make_tier(max_bytes=per_entry * 5)
+    per_entry = 1000 + key_bytes("k00") + ENTRY_OVERHEAD
+    max_bytes = per_entry * 5 + 2000
+    tier = make_tier(max_bytes=max_bytes)
     for index in range(20):
         put(tier, f"k{index:02}", index, size=1000)
-    assert len(tier) == 5
-    assert tier.current_bytes <= per_entry * 5
+    assert tier.current_bytes <= max_bytes
+    # Only as many entries as needed are evicted: one more would not fit.
+    assert tier.current_bytes + per_entry > max_bytes
+    assert len(tier) >= 3
+    for index in range(20 - len(tier), 20):
+        assert f"k{index:02}" in tier
 
 
-def test_bytes_charge_key_and_overhead() -> None:
+def test_bytes_charge_key_overhead_and_tables() -> None:
     tier = make_tier()
     put(tier, "key", b"x", size=100)
-    assert tier.current_bytes == 100 + len("key") + ENTRY_OVERHEAD
+    entry_bytes = 100 + key_bytes("key") + ENTRY_OVERHEAD
+    assert tier._lru.currsize == entry_bytes
+    assert tier.current_bytes == entry_bytes + tier._lru.table_bytes()
+    assert tier._lru.table_bytes() > 0
 
 
 def test_bytes_released_on_invalidate() -> None:
     tier = make_tier()
     put(tier, "key", b"x", size=100)
     tier.invalidate(["key"])
-    assert tier.current_bytes == 0
+    assert tier._lru.currsize == 0
+    assert tier.current_bytes == tier._lru.table_bytes()
+
+
+def test_bytes_released_on_expiry() -> None:
+    clock = FakeClock()
+    tier = make_tier(clock=clock)
+    put(tier, "key", b"x", size=100, ttl=5)
+    clock.now += 10
+    assert tier.get("key") is MISSING
+    assert tier._lru.currsize == 0
+
+
+def test_refill_charges_once() -> None:
+    tier = make_tier()
+    put(tier, "key", b"x", size=100)
+    put(tier, "key", b"y", size=300)
+    assert tier._lru.currsize == 300 + key_bytes("key") + ENTRY_OVERHEAD
+
+
+def test_entry_overhead_covers_entry_objects() -> None:
+    entry = (1000.0 + 0.5, b"", 2**20 + 1)
+    objects = sys.getsizeof(entry) + sys.getsizeof(entry[0]) + sys.getsizeof(entry[2])
+    assert ENTRY_OVERHEAD >= objects
+
+
+def traced_growth_of_fill(tier: LocalTier, sizes: list[tuple[str, int]]) -> int:
+    """Fill ``tier`` with a new bytes item per ``(key prefix, length)``.
+
+    :returns: the bytes that tracemalloc counts as still allocated after the
+        fill, which the tier alone keeps.
+    """
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index, (prefix, length) in enumerate(sizes):
+            item = b"x" * length
+            put(tier, f"{prefix}:{index}", item, size=sys.getsizeof(item))
+        del item
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("item_bytes", [0, 40, 600, 5000])
+def test_memory_within_bound_by_item_size(item_bytes: int) -> None:
+    max_bytes = 2 * 1024 * 1024
+    tier = make_tier(max_entries=10**9, max_bytes=max_bytes)
+    count = 3 * max_bytes // (item_bytes + 100)
+    growth = traced_growth_of_fill(tier, [("key", item_bytes)] * count)
+    assert tier.evictions > 0
+    assert tier.current_bytes <= max_bytes
+    assert growth <= max_bytes
+    assert growth >= max_bytes * 0.7
+
+
+def test_memory_within_bound_after_small_items() -> None:
+    # Small items grow the LRU's hash tables, which evictions don't shrink.
+    # The large items that follow must fit beside them.
+    max_bytes = 2 * 1024 * 1024
+    tier = make_tier(max_entries=10**9, max_bytes=max_bytes)
+    sizes = [("small", 0)] * 40_000 + [("big", 300_000)] * 10
+    growth = traced_growth_of_fill(tier, sizes)
+    assert f"big:{len(sizes) - 1}" in tier
+    assert tier.current_bytes <= max_bytes
+    assert growth <= max_bytes
 
 
 def test_oversized_not_stored() -> None:
@@ -251,7 +334,7 @@ def test_clear_drops_entries() -> None:
     put(tier, "b", 2)
     tier.clear()
     assert len(tier) == 0
-    assert tier.current_bytes == 0
+    assert tier._lru.currsize == 0
 
 
 def test_invalidated_record_bounded() -> None:

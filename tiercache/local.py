@@ -14,7 +14,6 @@ from cachetools import LRUCache
 from .sentinel import MISSING
 
 
-
 def _pymalloc_block(size: int) -> int:
     """Return the bytes pymalloc reserves for an object of ``size`` bytes."""
     return -(-size // 16) * 16
