@@ -15,7 +15,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
@@ -218,14 +218,16 @@ _VALUE_END = b"\r\nEND\r\n"
 
 def _read_one(sock: socket.socket, key: str) -> tuple[int, bytes] | None:
     """Parse the reply to ``get key``: one ``VALUE`` block and ``END``, or ``END``."""
-    reply = _recv_some(sock)
+    reply = _receive(sock, 65536)
     while True:
         if reply == _END:
             return None
         line_end = reply.find(b"\r\n")
         if line_end >= 0:
             break
-        reply += _recv_some(sock)
+        if len(reply) > _REPLY_LINE_MAX:
+            raise ValueError(f"invalid memcached reply: no line end in {reply[:40]!r}")
+        reply += _receive(sock, 65536)
     parts = reply[:line_end].split()
     if len(parts) != 4 or parts[0] != b"VALUE" or parts[1] != key.encode("ascii"):
         raise ValueError(f"unexpected memcached reply {reply[:40]!r}")
@@ -233,56 +235,74 @@ def _read_one(sock: socket.socket, key: str) -> tuple[int, bytes] | None:
     start = line_end + 2
     total = start + size + len(_VALUE_END)
     if len(reply) < total:
-        # A large value arrives in several chunks: collect them in one buffer.
-        buffer = bytearray(reply)
-        while len(buffer) < total:
-            buffer += sock.recv(max(65536, total - len(buffer))) or _closed()
-        reply = bytes(buffer)
+        # A large value arrives in several chunks.
+        reply = _receive_at_least(sock, reply, total)
     if len(reply) != total or not reply.endswith(_VALUE_END):
         raise ValueError(f"unexpected memcached reply after {reply[:40]!r}")
     return int(parts[2]), reply[start : start + size]
 
 
-def _recv_some(sock: socket.socket) -> bytes:
-    return sock.recv(65536) or _closed()
-
-
-def _closed() -> NoReturn:
-    raise ConnectionResetError("memcached closed the connection")
-
-
 def read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
     """Read ``VALUE key flags size`` blocks up to ``END`` from a get reply.
+
+    Each value is sliced once from the bytes received, and a value that
+    spans several reads is joined once.
 
     :raises ValueError: for a reply that breaks the protocol (the caller
         closes the socket, so nothing of it is read again).
     """
-    buffer = bytearray()
     values: dict[str, tuple[int, bytes]] = {}
+    data = b""
     position = 0
     while True:
-        end = buffer.find(b"\r\n", position)
+        end = data.find(b"\r\n", position)
         if end < 0:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("memcached closed the connection")
-            buffer += chunk
+            if len(data) - position > _REPLY_LINE_MAX:
+                raise ValueError(
+                    f"invalid memcached reply: no line end within "
+                    f"{_REPLY_LINE_MAX} bytes of {data[position : position + 40]!r}"
+                )
+            data = data[position:] + _receive(sock, 65536)
+            position = 0
             continue
-        line = bytes(buffer[position:end])
-        if line == b"END":
+        if end - position == 3 and data.startswith(b"END", position):
             return values
-        parts = line.split()
+        parts = data[position:end].split()
         if len(parts) != 4 or parts[0] != b"VALUE":
-            raise ValueError(f"unexpected memcached reply {line[:40]!r}")
-        size = int(parts[3])
+            raise ValueError(f"unexpected memcached reply {data[position:end][:40]!r}")
         start = end + 2
-        while len(buffer) < start + size + 2:
-            chunk = sock.recv(max(65536, start + size + 2 - len(buffer)))
-            if not chunk:
-                raise ConnectionResetError("memcached closed the connection")
-            buffer += chunk
-        values[parts[1].decode("ascii")] = (
-            int(parts[2]),
-            bytes(buffer[start : start + size]),
-        )
-        position = start + size + 2
+        stop = start + int(parts[3])
+        if len(data) < stop + 2:
+            data = _receive_at_least(sock, data[start:], stop + 2 - start)
+            stop -= start
+            start = 0
+        if not data.startswith(b"\r\n", stop):
+            raise ValueError(
+                f"invalid memcached reply: the value of {parts[1][:40]!r} does not "
+                f"end with CRLF"
+            )
+        values[parts[1].decode("ascii")] = (int(parts[2]), data[start:stop])
+        position = stop + 2
+
+
+# The longest reply line read_values accepts. A VALUE line with a 250-byte
+# key and two 32-bit numbers takes under 300 bytes.
+_REPLY_LINE_MAX = 1024
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    chunk = sock.recv(size)
+    if not chunk:
+        raise ConnectionResetError("memcached closed the connection")
+    return chunk
+
+
+def _receive_at_least(sock: socket.socket, head: bytes, size: int) -> bytes:
+    """Return ``head`` followed by data from ``sock``, ``size`` bytes or more."""
+    chunks = [head]
+    length = len(head)
+    while length < size:
+        chunk = _receive(sock, max(65536, size - length))
+        chunks.append(chunk)
+        length += len(chunk)
+    return b"".join(chunks)
