@@ -150,23 +150,36 @@ class RemoteTier:
                     points.append((value, index))
         points.sort()
         self._ring = [point for point, _ in points]
+        # The owner of each ring point, and the first point's owner again at
+        # the end, so a hash past the last point wraps around to the first.
         self._ring_nodes = [self.nodes[index] for _, index in points]
+        self._ring_nodes.append(self._ring_nodes[0])
 
     def node_for(self, key: str) -> Node:
         """Return the server that owns ``key``; it never changes while one is down."""
         if len(self.nodes) == 1:
             return self.nodes[0]
-        point = zlib.crc32(key.encode("ascii")) & 0xFFFFFFFF
-        index = bisect.bisect(self._ring, point)
-        if index == len(self._ring):
-            index = 0
-        return self._ring_nodes[index]
+        point = zlib.crc32(key.encode("ascii"))
+        return self._ring_nodes[bisect.bisect(self._ring, point)]
 
     def _group_by_node(self, keys: Iterable[str]) -> dict[Node, list[str]]:
-        by_node: dict[Node, list[str]] = {}
+        """Group ``keys`` by owner, as :meth:`node_for` places each of them.
+
+        Each group keeps the order of ``keys``, and only servers that own a
+        key appear.
+        """
+        if len(self.nodes) == 1:
+            all_keys = list(keys)
+            return {self.nodes[0]: all_keys} if all_keys else {}
+        # The body of node_for, inlined because this loop runs for every key.
+        ring = self._ring
+        owners = self._ring_nodes
+        crc32 = zlib.crc32
+        bisect_right = bisect.bisect_right
+        by_node: dict[Node, list[str]] = {node: [] for node in self.nodes}
         for key in keys:
-            by_node.setdefault(self.node_for(key), []).append(key)
-        return by_node
+            by_node[owners[bisect_right(ring, crc32(key.encode("ascii")))]].append(key)
+        return {node: group for node, group in by_node.items() if group}
 
     def _client(self, node: Node) -> Client:
         # A forked child gets a new thread-local in reset_after_fork, so it
@@ -483,8 +496,9 @@ class RemoteTier:
                 self._get_many_pipelined(chunk, found, down, foreign)
             finally:
                 command_deadline.at = None
+            now = time.monotonic()
             for node in chunk:
-                if node.is_down(time.monotonic()):
+                if node.is_down(now):
                     usable[node] = False
                     down.update(by_node[node][start + BATCH_KEYS :])
         if foreign:
