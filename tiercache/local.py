@@ -227,12 +227,13 @@ class LocalTier:
             now = self._clock()
             lru = self._lru
             for key in keys:
-                try:
-                    entry = lru[key]
-                except KeyError:
+                # Test membership first, because a miss raised as KeyError
+                # through cachetools' __missing__ costs several times as much.
+                if key not in lru:
                     self.misses += 1
                     items.append(MISSING)
                     continue
+                entry = lru[key]
                 if entry[0] <= now:
                     del lru[key]
                     self.expirations += 1
