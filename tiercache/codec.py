@@ -36,9 +36,12 @@ KIND_ZLIB: Final = b"z"
 KIND_NEGATIVE: Final = b"n"
 KIND_LEASE: Final = b"l"
 
-_MAGIC = b"TC" + bytes([FORMAT_VERSION])
-_HEADER = struct.Struct(">3scQQI")
-HEADER_SIZE: Final = _HEADER.size
+MAGIC: Final = b"TC" + bytes([FORMAT_VERSION])
+# The header's fields, as :func:`unpack` reads them: magic, kind, then
+# fresh-until, expires-at and the load duration, all in milliseconds. Batch
+# reads check it directly, without building an Envelope for each payload.
+HEADER: Final = struct.Struct(">3scQQI")
+HEADER_SIZE: Final = HEADER.size
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -156,8 +159,8 @@ def pack(
 ) -> bytes:
     """Put the header in front of ``body``; times are Unix seconds, 0 for none."""
     load_millis = min(int(load_seconds * 1000), 0xFFFFFFFF)
-    header = _HEADER.pack(
-        _MAGIC, kind, _millis(fresh_until), _millis(expires_at), load_millis
+    header = HEADER.pack(
+        MAGIC, kind, _millis(fresh_until), _millis(expires_at), load_millis
     )
     return header + body
 
@@ -195,10 +198,8 @@ def unpack(payload: bytes) -> Envelope:
     """
     if len(payload) < HEADER_SIZE:
         raise UndecodableValue("shorter than the header")
-    magic, kind, fresh_millis, expires_millis, load_millis = _HEADER.unpack_from(
-        payload
-    )
-    if magic != _MAGIC:
+    magic, kind, fresh_millis, expires_millis, load_millis = HEADER.unpack_from(payload)
+    if magic != MAGIC:
         raise UndecodableValue("unknown format")
     body = payload[HEADER_SIZE:]
     if kind == KIND_ZLIB:
