@@ -182,64 +182,86 @@ class LocalTier:
         """Store ``item`` unless ``key`` was invalidated after ``token`` was taken.
 
         :param size: bytes charged for the item; the key and
-            :data:`ENTRY_OVERHEAD` are added here.
+            :data:`ENTRY_OVERHEAD` are added here, and the LRU's hash tables
+            count against ``max_bytes`` too.
         :param ttl: seconds; the caller caps it at the local TTL.
         :returns: whether the item was stored.
         """
         with self._lock:
-            return self._fill_locked(key, item, size, self._clock() + ttl, token)
+            lru = self._lru
+            stored = self._store_locked(
+                key, item, size, self._clock() + ttl, token, lru.table_bytes()
+            )
+            if stored:
+                self._evict_locked()
+            return stored
 
     def fill_many(self, entries: list[tuple[str, Any, int, float]], token: int) -> None:
-        """Store ``(key, item, size, ttl)`` entries like :meth:`fill`, in one lock."""
+        """Store ``(key, item, size, ttl)`` entries like :meth:`fill`, in one lock.
+
+        Evicts once, after the last entry, to the same result as evicting
+        after each: the oldest entries go first either way.
+        """
         with self._lock:
             now = self._clock()
+            tables = self._lru.table_bytes()
             for key, item, size, ttl in entries:
-                self._fill_locked(key, item, size, now + ttl, token)
+                self._store_locked(key, item, size, now + ttl, token, tables)
+            self._evict_locked()
 
-    def _fill_locked(
-        self, key: str, item: Any, size: int, expires_at: float, token: int
+    def _store_locked(
+        self,
+        key: str,
+        item: Any,
+        size: int,
+        expires_at: float,
+        token: int,
+        table_bytes: int,
     ) -> bool:
+        """Store an entry unless its fill is void or it can't fit beside the tables."""
         if token < self._void_before or self._invalidated.get(key, -1) > token:
             self.dropped_fills += 1
             return False
-        lru = self._lru
         charged = size + len(key) + _ASCII_STR_HEADER + ENTRY_OVERHEAD
-        if charged + lru.table_bytes() > self.max_bytes:
+        if charged + table_bytes > self.max_bytes:
             self.oversized += 1
             if self._peek(key) is not None:
-                del lru[key]
+                del self._lru[key]
             return False
-        # cachetools evicts until the entries' charges fit max_bytes; the
-        # loops below add the entry bound and the tables' bytes.
-        lru[key] = (expires_at, item, charged)
+        # cachetools evicts until the entries' charges fit max_bytes;
+        # _evict_locked adds the entry bound and the tables' bytes.
+        self._lru[key] = (expires_at, item, charged)
+        self.fills += 1
+        return True
+
+    def _evict_locked(self) -> None:
+        lru = self._lru
         while len(lru) > self.max_entries:
             lru.popitem()
         max_bytes = self.max_bytes
         while lru.currsize + lru.table_bytes() > max_bytes and len(lru) > 1:
             lru.popitem()
-        self.fills += 1
-        return True
 
     def get_many(self, keys: list[str]) -> list[Any]:
         """Return the item or ``MISSING`` for each key, under one lock."""
         items: list[Any] = []
         with self._lock:
             now = self._clock()
-            lru = self._lru
+            peek = self._peek
+            touch = self._touch
             for key in keys:
-                # Test membership first, because a miss raised as KeyError
-                # through cachetools' __missing__ costs several times as much.
-                if key not in lru:
+                entry = peek(key)
+                if entry is None:
                     self.misses += 1
                     items.append(MISSING)
                     continue
-                entry = lru[key]
                 if entry[0] <= now:
-                    del lru[key]
+                    del self._lru[key]
                     self.expirations += 1
                     self.misses += 1
                     items.append(MISSING)
                     continue
+                touch(key)
                 self.hits += 1
                 items.append(entry[1])
         return items
