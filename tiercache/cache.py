@@ -203,8 +203,10 @@ class TieredCache(BatchMixin, RefreshMixin):
         """
         check_ttl(ttl)
         wires: dict[str, str | bytes] = {}
+        encode_str = self._encode_str
+        encode = self.keys.encode
         for key in keys:
-            wires.setdefault(self.keys.encode(key), key)
+            wires.setdefault(encode_str(key) if type(key) is str else encode(key), key)
         return self._get_many(wires, loader, ttl)
 
     def _get_many(
