@@ -127,6 +127,8 @@ class RemoteTier:
         self._build_ring()
         self._local = threading.local()
         self._pid = os.getpid()
+        # The most a command may take: see DeadlineSocket.
+        self._command_seconds = settings.read_timeout + settings.connect_timeout
         self.hits = 0
         self.misses = 0
         self.errors = 0
@@ -206,11 +208,7 @@ class RemoteTier:
         reused = client.sock is not None
         # Each command, retry included, must finish within read_timeout
         # (plus connect_timeout if it connects): see DeadlineSocket.
-        command_deadline.at = (
-            time.monotonic()
-            + self.settings.read_timeout
-            + self.settings.connect_timeout
-        )
+        command_deadline.at = time.monotonic() + self._command_seconds
         try:
             return command(client, *args)
         except CLOSED_ERRORS:
@@ -230,10 +228,17 @@ class RemoteTier:
 
     def _usable(self, node: Node) -> bool:
         """Tell whether ``node`` may be used now, replaying queued deletes first."""
+        if node.down_until or node.failures or not node.tombstones_checked:
+            return self._usable_after_trouble(node)
+        return True
+
+    def _usable_after_trouble(self, node: Node) -> bool:
         now = time.monotonic()
         if node.is_down(now):
             self.skipped_down += 1
             return False
+        # Past its retry time: the next check takes the short way again.
+        node.down_until = 0.0
         if node.failures and not self._recover(node):
             self.skipped_down += 1
             return False
@@ -515,10 +520,7 @@ class RemoteTier:
         foreign: list[str],
     ) -> None:
         """Send one request to each server of ``by_node``, then read each reply."""
-        settings = self.settings
-        command_deadline.at = (
-            time.monotonic() + settings.read_timeout + settings.connect_timeout
-        )
+        command_deadline.at = time.monotonic() + self._command_seconds
         sent: list[tuple[Node, Client, list[str], bool]] = []
         for node, node_keys in by_node.items():
             client = self._client(node)
