@@ -3,11 +3,15 @@
 Run ``python benchmarks/invalidation.py [--quick]``. A writer process commits
 1,000 writes (200 with ``--quick``), one key at a time with a random pause of
 1-2 ms between them. A reader process, started first, has every key in its
-L1 and records when each one is evicted, through a receiver of the
-``invalidated`` signal, which the channel's listener thread sends right
-after it evicts the keys. The delay of a key is the reader's eviction time
-minus the writer's time right after its commit returned, both from
-``time.time_ns()`` on the same host. Paths:
+L1 and records when each one is evicted, through the bus's ``on_evicted``
+hook, which the channel's listener thread calls right after it evicts the
+keys. The ``invalidated`` signal is not used for this, because it is sent
+from a thread of its own after the eviction: waking that thread took 60-270
+µs at the median on the 2-vCPU VM of ``RESULTS-peers.md``, which is not part
+of the delay. Earlier versions of this script timed at that signal, so
+their figures include that thread hop. The delay of a key is the reader's
+eviction time minus the writer's time right after its commit returned, both
+from ``time.time_ns()`` on the same host. Paths:
 
 * ``redis-py hop``: bare pub/sub for reference, with no cache: redis-py
   ``publish`` in the writer, ``PubSub.get_message`` in a loop in the reader.
@@ -47,7 +51,7 @@ import orjson
 import psycopg
 import redis
 
-from tiercache import Settings, TieredCache, signals
+from tiercache import Settings, TieredCache
 from tiercache.adapters import (
     key_bytes,
     postgres_channel,  # noqa: F401 (imported before fork)
@@ -137,17 +141,18 @@ def read_evictions(
     cache = make_cache()
     if not cache.wait_ready(10):
         raise TimeoutError("the reader's channel did not subscribe within 10 s")
+    assert cache.bus is not None
     wires = {cache.keys.encode(key_of(n)): str(n) for n in range(shared.writes)}
     evicted: dict[str, int] = {}
 
-    def on_invalidated(sender: Any, keys: tuple[str, ...], origin: str) -> None:
+    def on_evicted(keys: tuple[str, ...], sender: str) -> None:
         now = time.time_ns()
         for wire in keys:
             number = wires.get(wire)
             if number is not None and number not in evicted:
                 evicted[number] = now
 
-    signals.invalidated.connect(on_invalidated, sender=cache, weak=False)
+    cache.bus.on_evicted = on_evicted
     for number in range(shared.writes):
         cache.get(key_of(number))
     cached = sum(1 for wire in wires if wire in cache.local)

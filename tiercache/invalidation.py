@@ -62,7 +62,15 @@ class DelayHistogram:
 
 
 class InvalidationBus:
-    """Publishes this process's invalidations and applies everyone else's."""
+    """Publishes this process's invalidations and applies everyone else's.
+
+    ``on_evicted``, when set, is called with the keys and sender id of each
+    ``inv`` and ``lost`` message from another sender, right after its keys
+    were evicted from L1. It runs in the channel's listener thread before the
+    next message is read, so it must return quickly. It is there to time
+    evictions, because the ``invalidated`` signal is sent later, from the
+    signal thread. An exception it raises is logged and skipped.
+    """
 
     def __init__(
         self,
@@ -85,6 +93,7 @@ class InvalidationBus:
         self._on_resync = on_resync
         self._on_namespace = on_namespace
         self._on_degraded = on_degraded
+        self.on_evicted: Callable[[tuple[str, ...], str], None] | None = None
         self._clock = clock
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
@@ -274,12 +283,14 @@ class InvalidationBus:
         if message.kind == "inv":
             self.received += 1
             self.local.invalidate(message.keys)
+            self._report_eviction(message)
             self.delay.observe(max(0.0, time.time() - message.sent_at))
             if self._on_invalidated is not None:
                 self._on_invalidated(message.keys, message.sender)
         elif message.kind == "lost":
             self.received += 1
             self.local.invalidate(message.keys)
+            self._report_eviction(message)
             if self._on_lost_deletes is not None:
                 self._on_lost_deletes(message.keys)
         elif message.kind == "ns":
@@ -290,6 +301,15 @@ class InvalidationBus:
             self.received += 1
             self.local.clear()
             self.flushes += 1
+
+    def _report_eviction(self, message: Message) -> None:
+        hook = self.on_evicted
+        if hook is None:
+            return
+        try:
+            hook(message.keys, message.sender)
+        except Exception:  # noqa: BLE001 - the rest of the message must still apply
+            log.exception("on_evicted hook failed on a message from %s", message.sender)
 
     def _heard_self(self) -> None:
         self._last_own = self._clock()
