@@ -10,7 +10,9 @@ stop at the first exception). Signals carry keys, never values.
 * ``fill`` (``key``, ``tier``)
 * ``invalidated`` (``keys``, ``origin``: ``"local"`` or a sender id). For
   invalidations from other processes it is sent from a thread of its own
-  after the eviction, so a slow receiver can't delay evictions.
+  after the eviction, so a slow receiver can't delay evictions. To time
+  the eviction itself, set ``cache.bus.on_evicted`` instead (see
+  :class:`~tiercache.invalidation.InvalidationBus`).
 * ``degraded`` (``event``: ``"node_down"`` or ``"channel_lost"``,
   ``detail``: the server address or the reason), once per state change
 """
