@@ -6,6 +6,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,7 +48,7 @@ class SQLiteOrigin:
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             local.conn, local.pid = conn, os.getpid()
         return conn
@@ -101,3 +102,24 @@ class SQLiteOrigin:
     def delete(self, key: str | bytes) -> None:
         with self.transaction() as conn:
             conn.execute(f"DELETE FROM {self.table} WHERE key = ?", (key_bytes(key),))
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the database file to WAL mode, which it keeps once set.
+
+    SQLite can raise "database is locked" at once, without waiting for the
+    busy timeout, when several processes switch the mode together. The
+    mode is checked first, since it is usually set already, and the switch
+    is retried for up to 30 s.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
