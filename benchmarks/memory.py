@@ -23,8 +23,8 @@ most the bound plus 15%. The traced peak includes the loader's 70 MiB
 exports and their JSON while they pass through.
 
 L1 charges each entry its item, ``sys.getsizeof`` of its key, a fixed
-``ENTRY_OVERHEAD`` for the entry's tuple, float and int, and the LRU's hash
-table. With ``local_copy=True`` the item is the JSON body, charged its
+``ENTRY_OVERHEAD`` for the entry's tuple, float and int, and the hash
+tables and order list of the cachetools LRU. With ``local_copy=True`` the item is the JSON body, charged its
 ``sys.getsizeof``: ``codec.dump_body`` copies orjson's output into a
 ``bytes`` object of its own length, because orjson 3.13 returns ``bytes``
 that keep its whole output buffer (4 KiB for a 0.8 KB profile, 254 KiB for a
