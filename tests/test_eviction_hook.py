@@ -142,3 +142,30 @@ def test_raising_hook_message_still_applied(
     assert reader.get("k") == "new"
     assert reader.bus.received == received + 1
     assert reader.bus.delay.snapshot()["count"] == observed + 1
+
+
+def test_read_during_lost_message_not_stale(
+    make_cache: Callable[..., TieredCache],
+) -> None:
+    """A read while a "lost" message applies can't refill L1 from the missed delete.
+
+    The hook runs right after the message's eviction, which is where another
+    thread of the reader can miss L1 and read L2.
+    """
+    writer, reader = make_cache(), make_cache()
+    writer.set("k", "old")
+    assert reader.get("k") == "old"
+    # A write commits, but its delete never reaches memcached: L2 still
+    # contains the old value, and the writer announces the missed delete.
+    assert writer.origin is not None
+    writer.origin.store("k", "new")
+    reads_during_hook: list[Any] = []
+    assert reader.bus is not None
+    reader.bus.on_evicted = lambda keys, sender: reads_during_hook.append(
+        reader.get("k")
+    )
+    assert writer.bus is not None
+    writer.bus.publish_lost_deletes([writer.keys.encode("k")])
+
+    assert reads_during_hook == ["new"]
+    assert reader.get("k") == "new"

@@ -289,10 +289,16 @@ class InvalidationBus:
                 self._on_invalidated(message.keys, message.sender)
         elif message.kind == "lost":
             self.received += 1
-            self.local.invalidate(message.keys)
+            # Queue the deletes before evicting: the server still contains
+            # the old values, and a read that misses L1 after the eviction
+            # must replay the deletes before it can read the server. The
+            # keys are evicted even if queueing raises.
+            try:
+                if self._on_lost_deletes is not None:
+                    self._on_lost_deletes(message.keys)
+            finally:
+                self.local.invalidate(message.keys)
             self._report_eviction(message)
-            if self._on_lost_deletes is not None:
-                self._on_lost_deletes(message.keys)
         elif message.kind == "ns":
             self.received += 1
             if self._on_namespace is not None:

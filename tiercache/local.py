@@ -166,7 +166,9 @@ class LocalTier:
 
         Read without the lock: an invalidation in progress has already
         incremented the sequence, and its keys were deleted from L2 before this
-        process received it, so a caller holding the new token reads them fresh.
+        process received it (or, for deletes a server missed, queued for replay
+        before that server is read again), so a caller holding the new token
+        reads them fresh.
         """
         return self._seq
 
