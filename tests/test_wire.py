@@ -6,6 +6,7 @@ The parsers are fed by a scripted socket; the timeouts use real loopback sockets
 from __future__ import annotations
 
 import socket
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import cast
@@ -245,3 +246,34 @@ def test_tiny_timeout_never_means_forever(
     assert kernel_timeout(client, socket.SO_RCVTIMEO) != (0, 0)
     client._set_kernel_timeout(socket.SO_RCVTIMEO, None)
     assert kernel_timeout(client, socket.SO_RCVTIMEO) == (0, 0)
+
+
+def test_slow_reader_store_hits_deadline(
+    silent_pair: tuple[DeadlineSocket, socket.socket],
+) -> None:
+    # The server reads steadily, so no single send() stalls for the socket
+    # timeout, but at about 640 KB/s: below the transfer rate that extends
+    # a command's deadline, so a 24 MB request must time out.
+    client, server = silent_pair
+    stop = threading.Event()
+
+    def read_slowly() -> None:
+        while not stop.is_set():
+            try:
+                if not server.recv(65536):
+                    return
+            except OSError:
+                return
+            stop.wait(0.1)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    wire.command_deadline.at = wire.time.monotonic() + 0.2
+    try:
+        with pytest.raises(TimeoutError):
+            client.sendall(b"x" * (24 * 1024 * 1024))
+    finally:
+        wire.command_deadline.at = None
+        stop.set()
+        client.close()
+        reader.join()

@@ -147,9 +147,27 @@ class DeadlineSocket(socket.socket):
             self._set_kernel_timeout(socket.SO_RCVTIMEO, self._base_timeout)
             self._receive_timeout = self._base_timeout
         try:
-            super().sendall(data, flags)
+            if len(data) <= _SEND_PIECE:
+                super().sendall(data, flags)
+            else:
+                self._send_in_pieces(data, flags)
         except BlockingIOError:
             raise TimeoutError("memcached send timed out") from None
+
+    def _send_in_pieces(self, data: Any, flags: int) -> None:
+        # SO_SNDTIMEO bounds each send() call, not the whole request, so a
+        # server that keeps reading slowly could hold a large store forever.
+        # The command's deadline is checked between pieces and extended at
+        # MIN_TRANSFER_RATE for the bytes sent, as receiving does.
+        view = memoryview(data).cast("B")
+        while view:
+            deadline: float | None = getattr(command_deadline, "at", None)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("memcached command deadline passed")
+            sent = super().send(view[:_SEND_PIECE], flags)
+            view = view[sent:]
+            if deadline is not None:
+                command_deadline.at = deadline + sent / MIN_TRANSFER_RATE
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         if not self._kernel_timeouts:
@@ -172,6 +190,10 @@ class DeadlineSocket(socket.socket):
             command_deadline.at = deadline + len(data) / MIN_TRANSFER_RATE
         return data
 
+
+# Requests up to this size go out in one sendall; larger ones in pieces of
+# it, with the command's deadline checked between them.
+_SEND_PIECE = 65536
 
 # struct timeval for SO_RCVTIMEO and SO_SNDTIMEO: two C longs.
 _TIMEVAL = struct.Struct("@ll")
