@@ -24,8 +24,8 @@ exports and their JSON while they pass through.
 
 L1 charges each entry its item, ``sys.getsizeof`` of its key, a fixed
 ``ENTRY_OVERHEAD`` for the entry's tuple, float and int, and the hash
-tables and order list of the cachetools LRU. With ``local_copy=True`` the item is the JSON body, charged its
-``sys.getsizeof``: ``codec.dump_body`` copies orjson's output into a
+tables and order list of the cachetools LRU. With ``local_copy=True`` the
+item is the JSON body, charged its ``sys.getsizeof``: ``codec.dump_body`` copies orjson's output into a
 ``bytes`` object of its own length, because orjson 3.13 returns ``bytes``
 that keep its whole output buffer (4 KiB for a 0.8 KB profile, 254 KiB for a
 20 KB template, 63 MiB for a 2 MB segment, measured with tracemalloc). With

@@ -251,13 +251,21 @@ class FillMixin:
         if signals.hit.receivers:
             signals.send_robust(signals.hit, self, key=key, tier="remote")
         now = time.time()
-        if found.envelope.fresh_until and self._refresh_if_due(
-            key, wire, loader, ttl, found, now
-        ):
-            # Served at once, but not kept in L1: the refresh replaces it.
-            return found.item, found.value
-        if use_local:
-            self._fill_local_from_remote(wire, found, token, now)
+        envelope = found.envelope
+        if envelope.fresh_until:
+            if self._refresh_if_due(key, wire, loader, ttl, found, now):
+                # Served at once, but not kept in L1: the refresh replaces it.
+                return found.item, found.value
+            if use_local:
+                self._fill_local_from_remote(wire, found, token, now)
+        elif use_local:
+            # _remote_local_ttl's case without a fresh time, inline: this is
+            # the path of every L2 hit when stale_ttl and early refresh are off.
+            local_ttl = self.settings.local_ttl
+            if envelope.expires_at:
+                local_ttl = min(local_ttl, envelope.expires_at - now)
+            if local_ttl > 0:
+                self.local.fill(wire, found.item, found.size, local_ttl, token)
         return found.item, found.value
 
     def _refresh_if_due(

@@ -132,6 +132,7 @@ class LocalTier:
         self._lru = _CountingLRU(maxsize=max_bytes, getsizeof=_entry_size)
         self._peek = self._lru.peek
         self._touch = self._lru.touch
+        self._table_bytes = self._lru.table_bytes()
         self._lock = threading.Lock()
         self._seq = 0
         # Fills whose token is below this are void: set by clear() and by
@@ -190,9 +191,8 @@ class LocalTier:
         :returns: whether the item was stored.
         """
         with self._lock:
-            lru = self._lru
             stored = self._store_locked(
-                key, item, size, self._clock() + ttl, token, lru.table_bytes()
+                key, item, size, self._clock() + ttl, token, self._table_bytes
             )
             if stored:
                 self._evict_locked()
@@ -206,9 +206,8 @@ class LocalTier:
         """
         with self._lock:
             now = self._clock()
-            tables = self._lru.table_bytes()
             for key, item, size, ttl in entries:
-                self._store_locked(key, item, size, now + ttl, token, tables)
+                self._store_locked(key, item, size, now + ttl, token, self._table_bytes)
             self._evict_locked()
 
     def _store_locked(
@@ -241,8 +240,14 @@ class LocalTier:
         while len(lru) > self.max_entries:
             lru.popitem()
         max_bytes = self.max_bytes
-        while lru.currsize + lru.table_bytes() > max_bytes and len(lru) > 1:
+        while True:
+            tables = lru.table_bytes()
+            if lru.currsize + tables <= max_bytes or len(lru) <= 1:
+                break
             lru.popitem()
+        # The tables' size as of the last fill, for the next entry's check
+        # against the whole bound.
+        self._table_bytes = tables
 
     def get_many(self, keys: list[str]) -> list[Any]:
         """Return the item or ``MISSING`` for each key, under one lock."""
