@@ -23,14 +23,14 @@ most the bound plus 15%. The traced peak includes the loader's 70 MiB
 exports and their JSON while they pass through.
 
 L1 charges each entry its item, ``sys.getsizeof`` of its key, a fixed
-``ENTRY_OVERHEAD`` for the entry's tuple, float and int, and the hash
-tables and order list of the cachetools LRU. With ``local_copy=True`` the
-item is the JSON body, charged its ``sys.getsizeof``: ``codec.dump_body`` copies orjson's output into a
-``bytes`` object of its own length, because orjson 3.13 returns ``bytes``
-that keep its whole output buffer (4 KiB for a 0.8 KB profile, 254 KiB for a
-20 KB template, 63 MiB for a 2 MB segment, measured with tracemalloc). With
-``local_copy=False`` it stores the decoded Python objects and charges five
-times the JSON length, an estimate.
+``ENTRY_OVERHEAD`` for the entry's tuple, float and int, and the hash tables
+and order list of the cachetools LRU. With ``local_copy=True`` the item is
+the JSON body, charged its ``sys.getsizeof``: ``codec.dump_body`` copies
+orjson's output into a ``bytes`` object of its own length, because orjson
+3.13 returns ``bytes`` that keep its whole output buffer (4 KiB for a 0.8 KB
+profile, 254 KiB for a 20 KB template, 63 MiB for a 2 MB segment, measured
+with tracemalloc). With ``local_copy=False`` it stores the decoded Python
+objects and charges five times the JSON length, an estimate.
 
 The RSS run also reports how much pymalloc's free pools grew: pools that
 contain no object but stay resident in an arena that still contains one.
