@@ -69,7 +69,9 @@ PATHS = (
 )
 HOP_CHANNEL = "bench_hop"
 PAUSE_SECONDS = (0.001, 0.002)
-HOP_TARGET_P99_MS = 1.0
+# The target for tiercache's commit-to-eviction delay; the bare hops are shown
+# for reference and get no verdict.
+TARGET_P99_MS = 1.0
 NAMESPACE = "inval"
 
 
@@ -380,7 +382,9 @@ def report(delays: dict[tuple[str, str], list[float]]) -> None:
     for (path, cpus), values in delays.items():
         p99_ms = _common.percentile(values, 0.99) / 1000
         target = (
-            _common.verdict(p99_ms, HOP_TARGET_P99_MS) if path == "redis-py hop" else ""
+            _common.verdict(p99_ms, TARGET_P99_MS)
+            if path.startswith("tiercache")
+            else ""
         )
         rows.append(
             [
@@ -406,7 +410,7 @@ def report(delays: dict[tuple[str, str], list[float]]) -> None:
             "p90 µs",
             "p99 µs",
             "max µs",
-            f"p99 < {HOP_TARGET_P99_MS:g} ms",
+            f"p99 < {TARGET_P99_MS:g} ms",
         ],
         rows,
     )
