@@ -259,8 +259,9 @@ class FillMixin:
             if use_local:
                 self._fill_local_from_remote(wire, found, token, now)
         elif use_local:
-            # _remote_local_ttl's case without a fresh time, inline: this is
-            # the path of every L2 hit when stale_ttl and early refresh are off.
+            # _remote_local_ttl's case without a fresh time, inlined (as in
+            # batch.py's fast path): every L2 hit takes it when stale_ttl and
+            # early refresh are off.
             local_ttl = self.settings.local_ttl
             if envelope.expires_at:
                 local_ttl = min(local_ttl, envelope.expires_at - now)

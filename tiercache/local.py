@@ -20,10 +20,11 @@ def _pymalloc_block(size: int) -> int:
 
 
 # Bytes charged per entry besides its item, its key and the LRU's hash
-# tables (counted at their real size): the entry's tuple and the float and
-# int in it, in pymalloc's 16-byte blocks, and 24 bytes of mean allocator
-# rounding (8 for the key in pymalloc, 16 for a body over 512 bytes in glibc
-# malloc). From sys.getsizeof and tracemalloc on CPython 3.11, x86-64.
+# tables, which are counted at their real size. They cover the entry's
+# tuple and the float and int in it, in pymalloc's 16-byte blocks. The last
+# 24 bytes are the mean allocator rounding: 8 for the key in pymalloc, and 16
+# for a body over 512 bytes in glibc malloc. From sys.getsizeof and
+# tracemalloc on CPython 3.11, x86-64.
 ENTRY_OVERHEAD = (
     _pymalloc_block(sys.getsizeof((0.0, None, 0)))
     + _pymalloc_block(sys.getsizeof(0.0))
@@ -70,7 +71,9 @@ class _CountingLRU(LRUCache[str, tuple[float, Any, int]]):
             and isinstance(order, collections.OrderedDict)
         )
         if self.direct:
-            assert data is not None and sizes is not None and order is not None
+            assert data is not None
+            assert sizes is not None
+            assert order is not None
             self.peek: Callable[[str], tuple[float, Any, int] | None] = data.get
             self.touch: Callable[[str], None] = order.move_to_end
             self._sizeof_tables = (data.__sizeof__, sizes.__sizeof__, order.__sizeof__)
@@ -163,7 +166,7 @@ class LocalTier:
             return entry[1]
 
     def begin_fill(self) -> int:
-        """Return a fill token to pass to :meth:`fill`; nothing needs releasing.
+        """Return a fill token to pass to :meth:`fill`. Nothing needs releasing.
 
         Read without the lock: an invalidation in progress has already
         incremented the sequence, and its keys were deleted from L2 before this
@@ -229,8 +232,8 @@ class LocalTier:
             if self._peek(key) is not None:
                 del self._lru[key]
             return False
-        # cachetools evicts until the entries' charges fit max_bytes;
-        # _evict_locked adds the entry bound and the tables' bytes.
+        # cachetools evicts until the entries' charges fit max_bytes, and
+        # _evict_locked then applies the entry bound and the tables' bytes.
         self._lru[key] = (expires_at, item, charged)
         self.fills += 1
         return True

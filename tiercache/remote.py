@@ -127,7 +127,7 @@ class RemoteTier:
         self._build_ring()
         self._local = threading.local()
         self._pid = os.getpid()
-        # The most a command may take: see DeadlineSocket.
+        # The maximum time a command may take, in seconds: see DeadlineSocket.
         self._command_seconds = settings.read_timeout + settings.connect_timeout
         self.hits = 0
         self.misses = 0

@@ -99,7 +99,7 @@ class DeadlineSocket(socket.socket):
     received extends the deadline at :data:`MIN_TRANSFER_RATE`, so a large
     value on a busy host still arrives while a trickle does not.
 
-    Once connected, the socket is blocking as Python sees it, and the
+    Once connected, the socket is in Python's blocking mode, and the
     kernel enforces the timeouts (``SO_RCVTIMEO`` and ``SO_SNDTIMEO``).
     Python's own timeout mode polls before every send and receive, which
     costs two more system calls per command. A kernel timeout is raised
@@ -191,8 +191,8 @@ class DeadlineSocket(socket.socket):
         return data
 
 
-# Requests up to this size go out in one sendall; larger ones in pieces of
-# it, with the command's deadline checked between them.
+# Requests up to this size go out in one sendall. Larger ones go out in
+# pieces of this size, with the command's deadline checked between them.
 _SEND_PIECE = 65536
 
 # struct timeval for SO_RCVTIMEO and SO_SNDTIMEO: two C longs.
