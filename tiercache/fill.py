@@ -135,7 +135,7 @@ class FillMixin:
         ttl: TtlArg,
         use_local: bool,
     ) -> Any:
-        """Serve an L2 hit at once; on a miss, load as :meth:`_load_shared` does.
+        """Serve an L2 hit at once, or load on a miss as :meth:`_load_shared` does.
 
         Threads that miss L1 together each read L2 (one round trip, which
         is what waiting for another thread's read would cost). Only the
@@ -251,22 +251,13 @@ class FillMixin:
         if signals.hit.receivers:
             signals.send_robust(signals.hit, self, key=key, tier="remote")
         now = time.time()
-        envelope = found.envelope
-        if envelope.fresh_until:
-            if self._refresh_if_due(key, wire, loader, ttl, found, now):
-                # Served at once, but not kept in L1: the refresh replaces it.
-                return found.item, found.value
-            if use_local:
-                self._fill_local_from_remote(wire, found, token, now)
-        elif use_local:
-            # _remote_local_ttl's case without a fresh time, inlined (as in
-            # batch.py's fast path): every L2 hit takes it when stale_ttl and
-            # early refresh are off.
-            local_ttl = self.settings.local_ttl
-            if envelope.expires_at:
-                local_ttl = min(local_ttl, envelope.expires_at - now)
-            if local_ttl > 0:
-                self.local.fill(wire, found.item, found.size, local_ttl, token)
+        if found.envelope.fresh_until and self._refresh_if_due(
+            key, wire, loader, ttl, found, now
+        ):
+            # Served at once, but not kept in L1: the refresh replaces it.
+            return found.item, found.value
+        if use_local:
+            self._fill_local_from_remote(wire, found, token, now)
         return found.item, found.value
 
     def _refresh_if_due(
