@@ -8,10 +8,9 @@ hook, which the channel's listener thread calls right after it evicts the
 keys. The ``invalidated`` signal is not used for this, because it is sent
 from a thread of its own after the eviction: waking that thread took 60-270
 µs at the median on the 2-vCPU VM of ``RESULTS-peers.md``, which is not part
-of the delay. Earlier versions of this script timed at that signal, so
-their figures include that thread hop. The delay of a key is the reader's
-eviction time minus the writer's time right after its commit returned, both
-from ``time.time_ns()`` on the same host. Paths:
+of the delay. The delay of a key is the reader's eviction time minus the
+writer's time right after its commit returned, both from ``time.time_ns()``
+on the same host. Paths:
 
 * ``redis-py hop``: bare pub/sub for reference, with no cache: redis-py
   ``publish`` in the writer, ``PubSub.get_message`` in a loop in the reader.
@@ -69,8 +68,8 @@ PATHS = (
 )
 HOP_CHANNEL = "bench_hop"
 PAUSE_SECONDS = (0.001, 0.002)
-# The target for tiercache's commit-to-eviction delay; the bare hops are shown
-# for reference and get no verdict.
+# The target for tiercache's commit-to-eviction delay. The bare hops are
+# shown for reference and get no verdict.
 TARGET_P99_MS = 1.0
 NAMESPACE = "inval"
 

@@ -37,12 +37,12 @@ _ASCII_STR_HEADER = sys.getsizeof("")
 # Hash-table bytes per entry assumed when cachetools' tables can't be sized.
 _TABLE_BYTES_ESTIMATE = 250
 
-# Keys of recent invalidations kept for the fill guard (about 2 MB at most).
+# Keys of recent invalidations kept for the fill guard (an estimated 2 MB at most).
 _PRUNE_AT = 10_000
 
 
 class _CountingLRU(LRUCache[str, tuple[float, Any, int]]):
-    """cachetools' LRU with an eviction count and a lookup that never raises.
+    """cachetools' LRU with an eviction count and a lookup that returns None on a miss.
 
     :meth:`peek` and :meth:`touch` read cachetools' own entry dict and
     recency order directly. A miss then costs one dict lookup instead of two
@@ -314,7 +314,7 @@ class LocalTier:
     def _prune(self) -> None:
         # Drop the older half of the records. A fill whose token is below
         # the cutoff might have been voided by a dropped record, so it is
-        # voided outright; later tokens lose nothing.
+        # voided outright. Later tokens lose nothing.
         cutoff = sorted(self._invalidated.values())[len(self._invalidated) // 2]
         self._invalidated = {k: s for k, s in self._invalidated.items() if s > cutoff}
         self._void_before = max(self._void_before, cutoff)

@@ -229,15 +229,16 @@ class RemoteTier:
     def _usable(self, node: Node) -> bool:
         """Tell whether ``node`` may be used now, replaying queued deletes first."""
         if node.down_until or node.failures or not node.tombstones_checked:
-            return self._usable_after_trouble(node)
+            return self._recheck_usable(node)
         return True
 
-    def _usable_after_trouble(self, node: Node) -> bool:
+    def _recheck_usable(self, node: Node) -> bool:
+        """Check a server that was marked down, failed, or has unread tombstones."""
         now = time.monotonic()
         if node.is_down(now):
             self.skipped_down += 1
             return False
-        # Past its retry time: the next check takes the short way again.
+        # Past its retry time: the next check takes the fast path again.
         node.down_until = 0.0
         if node.failures and not self._recover(node):
             self.skipped_down += 1

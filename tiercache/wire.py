@@ -178,10 +178,10 @@ class DeadlineSocket(socket.socket):
             if remaining <= 0:
                 raise TimeoutError("memcached command deadline passed")
             base = self._base_timeout
-            wanted = remaining if base is None or remaining < base else base
-            if wanted != self._receive_timeout:
-                self._set_kernel_timeout(socket.SO_RCVTIMEO, wanted)
-                self._receive_timeout = wanted
+            timeout = remaining if base is None or remaining < base else base
+            if timeout != self._receive_timeout:
+                self._set_kernel_timeout(socket.SO_RCVTIMEO, timeout)
+                self._receive_timeout = timeout
         try:
             data = super().recv(size, flags)
         except BlockingIOError:
@@ -252,7 +252,7 @@ def _read_one(sock: socket.socket, key: str) -> tuple[int, bytes] | None:
         reply += _receive(sock, 65536)
     parts = reply[:line_end].split()
     if len(parts) != 4 or parts[0] != b"VALUE" or parts[1] != key.encode("ascii"):
-        raise ValueError(f"unexpected memcached reply {reply[:40]!r}")
+        raise ValueError(f"invalid memcached reply {reply[:40]!r}")
     size = int(parts[3])
     start = line_end + 2
     total = start + size + len(_VALUE_END)
@@ -260,7 +260,7 @@ def _read_one(sock: socket.socket, key: str) -> tuple[int, bytes] | None:
         # A large value arrives in several chunks.
         reply = _receive_at_least(sock, reply, total)
     if len(reply) != total or not reply.endswith(_VALUE_END):
-        raise ValueError(f"unexpected memcached reply after {reply[:40]!r}")
+        raise ValueError(f"invalid memcached reply after {reply[:40]!r}")
     return int(parts[2]), reply[start : start + size]
 
 
@@ -291,7 +291,7 @@ def read_values(sock: socket.socket) -> dict[str, tuple[int, bytes]]:
             return values
         parts = data[position:end].split()
         if len(parts) != 4 or parts[0] != b"VALUE":
-            raise ValueError(f"unexpected memcached reply {data[position:end][:40]!r}")
+            raise ValueError(f"invalid memcached reply {data[position:end][:40]!r}")
         start = end + 2
         stop = start + int(parts[3])
         if len(data) < stop + 2:
