@@ -6,9 +6,8 @@ Run ``python benchmarks/invalidation.py [--quick]``. A writer process commits
 L1 and records when each one is evicted, through the bus's ``on_evicted``
 hook, which the channel's listener thread calls right after it evicts the
 keys. The ``invalidated`` signal is not used for this, because it is sent
-from a thread of its own after the eviction: waking that thread took 60-270
-µs at the median on the 2-vCPU VM of ``RESULTS-peers.md``, which is not part
-of the delay. The delay of a key is the reader's eviction time minus the
+from a thread of its own after the eviction, and waking that thread is not
+part of the delay. The delay of a key is the reader's eviction time minus the
 writer's time right after its commit returned, both from ``time.time_ns()``
 on the same host. Paths:
 
